@@ -1,0 +1,165 @@
+"""The VectorEnv contract every rlplat environment follows (toy, ManiSkill, LIBERO).
+
+A ``VectorEnv`` is a batch of ``num_envs`` independent sub-environments stepped together with
+numpy arrays. It follows the gymnasium 1.x vector API with SAME_STEP auto-reset, and fixes the
+observation keys, the info keys and the seeding rule so that workers, policies and algorithms
+can rely on them without knowing which simulator is underneath.
+
+Observation keys (a dict of numpy arrays, leading dim N = ``num_envs``):
+    ``state``: float32 [N, S]. Privileged full state, for MLP baselines and critics.
+    ``proprio``: float32 [N, P]. What a real robot knows about itself (e.g. end-effector pose).
+    ``image``: uint8 [N, H, W, 3]. Camera view, row 0 at the top. Present only when the env's
+        obs mode includes rgb.
+    ``instruction``: object array [N] of str. The natural-language task for each env.
+
+Info keys returned by ``step`` (all arrays of length N):
+    ``success``: bool. The task is solved at this step (evaluated before any reset).
+    ``done``: bool. ``terminated | truncated``.
+    ``episode_return``: float32. Undiscounted return of the episode that ended; 0 on other rows.
+    ``episode_length``: int64. Length of the episode that ended; 0 on other rows.
+    ``final_obs``: dict with the observation keys, full batch. On rows where ``done`` it is
+        the last observation of the finished episode (for bootstrapping truncated episodes);
+        other rows hold the same values as the returned obs and carry no extra meaning.
+
+Seeding: every sub-env owns its own ``np.random.Generator``. ``reset(seed=s)`` seeds env i with
+``s + i``, so a shard holding envs [a, b) of a larger run, reset with the seed list
+``[s + a, ..., s + b - 1]``, behaves exactly like those rows of one big env. A seed list with
+repeated values gives identical initial states (GRPO groups).
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector.utils import batch_space
+
+Obs = dict[str, np.ndarray]
+Seed = int | Sequence[int] | np.ndarray | None
+
+
+class VectorEnv(gymnasium.vector.VectorEnv, abc.ABC):
+    """Abstract batched environment with SAME_STEP partial auto-reset.
+
+    Subclasses call ``super().__init__`` with the single-env spaces and implement ``reset``,
+    ``step``, ``get_state``, ``set_state`` and ``render``. See the module docstring for the
+    observation and info keys every implementation must produce.
+
+    Attributes:
+        num_envs: Number of sub-environments N.
+        max_episode_steps: Steps after which an episode is truncated.
+        single_observation_space: ``spaces.Dict`` of one sub-env's observation.
+        single_action_space: ``spaces.Box`` of one sub-env's action.
+        observation_space: The batched observation space.
+        action_space: The batched action space.
+    """
+
+    # SAME_STEP: the obs returned by step() already starts the next episode on rows that
+    # ended; the terminal obs lives in info["final_obs"]. This avoids the "dead" step of
+    # NEXT_STEP auto-reset, which would waste simulator time and complicate GAE.
+    metadata: dict[str, Any] = {"autoreset_mode": gymnasium.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(
+        self,
+        num_envs: int,
+        max_episode_steps: int,
+        single_observation_space: spaces.Dict,
+        single_action_space: spaces.Box,
+    ) -> None:
+        """Sets the spaces and sizes shared by all envs.
+
+        Args:
+            num_envs: Number of sub-environments, >= 1.
+            max_episode_steps: Episode limit in steps, >= 1.
+            single_observation_space: One sub-env's observation space.
+            single_action_space: One sub-env's action space.
+        """
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.single_observation_space = single_observation_space
+        self.single_action_space = single_action_space
+        self.observation_space = batch_space(single_observation_space, num_envs)
+        self.action_space = batch_space(single_action_space, num_envs)
+
+    @abc.abstractmethod
+    def reset(
+        self, *, seed: Seed = None, options: dict[str, Any] | None = None
+    ) -> tuple[Obs, dict[str, Any]]:
+        """Starts a new episode in every sub-env.
+
+        Args:
+            seed: An int s seeds env i with s + i; a sequence gives one seed per env; None
+                continues each env's generator (or seeds from OS entropy on first use).
+            options: Reserved for env-specific options.
+
+        Returns:
+            ``(obs, info)`` with the observation keys of the contract.
+        """
+
+    @abc.abstractmethod
+    def step(
+        self, actions: np.ndarray
+    ) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Advances every sub-env by one step, auto-resetting those that end.
+
+        Args:
+            actions: float array [N, A].
+
+        Returns:
+            ``(obs, reward float32 [N], terminated bool [N], truncated bool [N], info)`` with
+            the info keys of the contract.
+        """
+
+    @abc.abstractmethod
+    def get_state(self) -> dict[str, Any]:
+        """Returns a picklable snapshot from which ``set_state`` continues bit-exactly.
+
+        It holds the env arrays, step counters and every generator's ``bit_generator.state``.
+        """
+
+    @abc.abstractmethod
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a snapshot made by ``get_state`` on an env built with the same arguments."""
+
+    @abc.abstractmethod
+    def render(self, index: int = 0) -> np.ndarray:  # type: ignore[override]
+        """Draws sub-env ``index`` as uint8 [H, W, 3] for episode videos, whatever the obs mode."""
+
+    def close_extras(self, **kwargs: Any) -> None:
+        """Releases simulator resources; numpy envs have none."""
+
+    def _seeds(self, seed: Seed) -> list[int]:
+        """Turns a ``reset`` seed argument into one non-negative int seed per sub-env.
+
+        Args:
+            seed: An int s (env i gets s + i), a sequence of ``num_envs`` ints, or None (a
+                fresh seed from OS entropy, then the int rule).
+
+        Returns:
+            ``num_envs`` seeds.
+
+        Raises:
+            ValueError: If a seed is negative or the sequence has the wrong length.
+        """
+        if seed is None:
+            # Draw one base seed from OS entropy and apply the int rule, so an unseeded run is
+            # still reproducible from the seed stored in ``np_random_seed``.
+            seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint32)[0])
+        if isinstance(seed, numbers.Integral):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = [int(s) for s in np.asarray(seed).reshape(-1)]
+            if len(seeds) != self.num_envs:
+                raise ValueError(
+                    f"seed: got a sequence of {len(seeds)} seeds for num_envs={self.num_envs}; "
+                    "pass one seed per env or a single int."
+                )
+        if min(seeds) < 0:
+            raise ValueError(f"seed: seeds must be non-negative, got min {min(seeds)}.")
+        self._np_random_seed = seeds[0]
+        return seeds

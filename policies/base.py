@@ -1,0 +1,85 @@
+"""Policy contracts shared by every family.
+
+An ``ActionPolicy`` maps batched observations to actions for embodied RL (PPO, GRPO, SFT); a
+``DiffusionPolicy`` samples images with per-step log-probabilities for preference tuning. The
+trainer only talks to these methods, so a new family plugs in by implementing them.
+
+Observations are a mapping (a dict, or an ``rlplat.batch.Batch``) with the VectorEnv keys:
+``state`` float [B, S], ``proprio`` float [B, P], ``image`` uint8 [B, H, W, 3] and
+``instruction`` (a sequence of B strings). A policy reads the keys it needs.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Observation = Mapping[str, Any]
+
+
+@dataclass
+class ActOutput:
+    """What ``ActionPolicy.act`` returns for a batch of B observations."""
+
+    # Env actions [B, A] (continuous) ready to send to the env.
+    actions: torch.Tensor
+    # log pi(a|s) of the sampled actions [B], summed over action dims.
+    logprobs: torch.Tensor
+    # V(s) [B], or None for policies without a critic.
+    values: torch.Tensor | None = None
+    # Family-specific tensors to keep with the rollout (e.g. VLA action tokens) [B, ...].
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class EvalOutput:
+    """What ``ActionPolicy.evaluate`` returns for given observations and actions."""
+
+    # log pi(a|s) [B] under the current parameters, summed over action dims.
+    logprobs: torch.Tensor
+    # Entropy of pi(.|s) [B].
+    entropy: torch.Tensor
+    # V(s) [B], or None for policies without a critic.
+    values: torch.Tensor | None = None
+
+
+class ActionPolicy(nn.Module, abc.ABC):
+    """A stochastic policy (optionally with a critic) over batched observations."""
+
+    #: Whether ``values`` are produced (PPO needs a critic; GRPO does not).
+    has_value: bool = True
+
+    @abc.abstractmethod
+    def act(self, obs: Observation, deterministic: bool = False) -> ActOutput:
+        """Samples (or takes the mode of) actions for a batch of observations."""
+
+    @abc.abstractmethod
+    def evaluate(
+        self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None
+    ) -> EvalOutput:
+        """Log-probabilities and entropy of given actions, plus values, with gradients."""
+
+    def value(self, obs: Observation) -> torch.Tensor:
+        """V(s) [B] for bootstrapping; raises for policies without a critic."""
+        raise NotImplementedError(f"{type(self).__name__} has no value head")
+
+
+class DiffusionPolicy(nn.Module, abc.ABC):
+    """A text-to-image sampler whose denoising steps have tractable log-probabilities."""
+
+    @abc.abstractmethod
+    def sample(
+        self, prompts: Sequence[str], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns images [B, 3, H, W], latents per step [B, T+1, ...], step log-probs [B, T]."""
+
+    @abc.abstractmethod
+    def step_logprob(
+        self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
+    ) -> torch.Tensor:
+        """log p(latents_prev | latents_t, t, cond) [B], reduced as the config names."""

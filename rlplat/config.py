@@ -1,0 +1,268 @@
+"""Structured configs: the schema behind every Hydra group in conf/.
+
+Each YAML in ``conf/<group>/`` starts with ``defaults: [<name>_schema, _self_]``, so OmegaConf
+checks it against the dataclass here: a misspelt key or a value of the wrong type stops the run
+at composition time with a message naming the key. Nothing here validates by hand except the
+batch arithmetic, which spans several groups (see ``check_batch_arithmetic``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, open_dict
+
+from rlplat.runtime.cluster import ClusterConfig
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass
+class MLPPolicyConfig:
+    """Gaussian actor-critic on state and/or image observations (policies/mlp.py)."""
+
+    # Class that builds the policy.
+    _target_: str = "rlplat.policies.mlp.ActorCritic"
+    # Observation keys the policy reads: any of state, proprio, image, instruction.
+    obs_keys: list[str] = field(default_factory=lambda: ["state"])
+    # Hidden layer widths of the actor and the critic MLPs.
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    # Initial log standard deviation of the Gaussian action distribution.
+    init_log_std: float = -0.5
+    # Width of the instruction embedding (hashed bag of words) when obs_keys has instruction.
+    instruction_dim: int = 32
+    # Number of hash buckets for instruction words.
+    instruction_buckets: int = 256
+
+
+# --------------------------------------------------------------------------- env
+
+
+@dataclass
+class ToyEnvConfig:
+    """Constructor arguments of envs/toy.py's ToyReachEnv (see its docstring)."""
+
+    # Class that builds one shard of vector envs.
+    _target_: str = "rlplat.envs.toy.ToyReachEnv"
+    # Parallel training envs in total, split evenly over the env workers.
+    num_envs: int = 64
+    # Coloured squares per scene; one of them is named by the instruction.
+    num_objects: int = 3
+    # Colour vocabulary of the squares and instructions.
+    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    # Observation keys produced: state, rgb or state+rgb.
+    obs_mode: str = "state"
+    # Side of the square RGB image in pixels.
+    image_size: int = 64
+    # Episode limit; reaching it sets truncated.
+    max_episode_steps: int = 50
+    # dense (progress + success bonus) or sparse (1 on success).
+    reward_mode: str = "dense"
+    # Arena units moved per unit action.
+    action_scale: float = 0.1
+    # Distance to the target that counts as success.
+    success_radius: float = 0.1
+
+
+# --------------------------------------------------------------------------- algo
+
+
+@dataclass
+class OptimConfig:
+    """Adam settings shared by every algorithm."""
+
+    # Learning rate.
+    lr: float = 3e-4
+    # Adam epsilon.
+    eps: float = 1e-5
+    # Linearly anneal the learning rate to 0 over trainer.total_steps.
+    anneal_lr: bool = False
+    # Clip the global gradient norm to this value.
+    max_grad_norm: float = 0.5
+
+
+@dataclass
+class PPOConfig:
+    """Proximal Policy Optimization with GAE (rlplat/algos/ppo.py)."""
+
+    # Class that implements the algorithm.
+    _target_: str = "rlplat.algos.ppo.PPO"
+    # Env steps per env per iteration (rollout length T).
+    rollout_steps: int = 50
+    # Discount factor.
+    gamma: float = 0.99
+    # GAE lambda.
+    gae_lambda: float = 0.95
+    # Minibatches per epoch; num_envs * rollout_steps must divide evenly.
+    num_minibatches: int = 4
+    # Passes over each rollout.
+    update_epochs: int = 4
+    # Clip range of the probability ratio.
+    clip_coef: float = 0.2
+    # Clip range of the value update (null: no value clipping).
+    vf_clip_coef: float | None = None
+    # Weight of the entropy bonus.
+    ent_coef: float = 0.0
+    # Weight of the value loss.
+    vf_coef: float = 0.5
+    # Stop the epoch loop once approx KL exceeds this (null: never).
+    target_kl: float | None = None
+    # Normalise advantages per minibatch.
+    norm_adv: bool = True
+    # Optimizer.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class GRPOConfig:
+    """Group Relative Policy Optimization on episode outcomes (rlplat/algos/grpo.py)."""
+
+    # Class that implements the algorithm.
+    _target_: str = "rlplat.algos.grpo.GRPO"
+    # Rollouts per group; the envs of a group share their initial state (same seed).
+    group_size: int = 8
+    # Outcome score of an episode: return (sum of rewards) or success (0/1).
+    outcome: str = "return"
+    # Divide group-centred outcomes by the group std (false: Dr. GRPO style).
+    std_normalize: bool = True
+    # Drop groups whose outcomes are all equal (they carry no signal).
+    filter_uniform_groups: bool = True
+    # Weight of the KL penalty to the reference policy (0: no reference kept).
+    kl_coef: float = 0.0
+    # KL estimator: k1, k2 or k3.
+    kl_kind: str = "k3"
+    # Minibatches per epoch over the valid steps.
+    num_minibatches: int = 4
+    # Passes over each rollout.
+    update_epochs: int = 4
+    # Clip range of the probability ratio.
+    clip_coef: float = 0.2
+    # Weight of the entropy bonus.
+    ent_coef: float = 0.0
+    # Stop the epoch loop once approx KL exceeds this (null: never).
+    target_kl: float | None = None
+    # Optimizer.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass
+class PlacementConfig:
+    """Where roles run: device indices per role (GPUs, or CPU bundles without GPUs)."""
+
+    # Name shown in logs.
+    name: str = "colocated"
+    # Bundles in the Ray placement group (GPUs when use_gpu, else CPU bundles).
+    num_devices: int = 1
+    # Reserve one GPU per bundle.
+    use_gpu: bool = False
+    # CPUs per bundle.
+    cpus_per_device: float = 1.0
+    # Role -> device spec ("0", "0-1", "0,2"); roles with equal specs share one worker group.
+    roles: dict[str, str] = field(
+        default_factory=lambda: {"env": "0", "rollout": "0", "actor": "0"}
+    )
+
+
+# --------------------------------------------------------------------------- logger
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides metrics.jsonl in the run dir."""
+
+    # console (metrics.jsonl + progress) or wandb (also logs to Weights & Biases).
+    backend: str = "console"
+    # wandb mode: offline (default, no network) or online.
+    mode: str = "offline"
+    # wandb project name.
+    project: str = "rlplat"
+    # Print a progress line every this many iterations.
+    log_every: int = 1
+    # Show a live progress bar (rich) when stdout is a terminal.
+    progress_bar: bool = True
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    """The controller loop's schedule."""
+
+    # Training iterations (rollout + update) to run.
+    total_steps: int = 100
+    # Evaluate every this many iterations (0: only at the end).
+    eval_every: int = 20
+    # Episodes per evaluation (run in parallel, one per eval env).
+    eval_episodes: int = 64
+    # Save a checkpoint every this many iterations (0: only at the end).
+    checkpoint_every: int = 20
+    # Keep this many newest checkpoints (0: keep all).
+    keep_checkpoints: int = 2
+    # Save an episode GIF of the final evaluation.
+    save_video: bool = True
+    # Torch threads per worker process (1 gives stable timings on small CPUs).
+    torch_threads: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Top-level config of rlplat-train."""
+
+    # Policy family (conf/policy).
+    policy: Any = MISSING
+    # Environment (conf/env).
+    env: Any = MISSING
+    # Algorithm (conf/algo).
+    algo: Any = MISSING
+    # Placement of roles on devices (conf/placement).
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    # Metrics backends (conf/logger).
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Controller schedule.
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Ray cluster: start a local one (address null) or connect (address=auto).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Run name used in the output path.
+    name: str = "run"
+    # Global seed; everything derives from it.
+    seed: int = 0
+    # false, true (latest checkpoint of this run dir or the newest run of this name), or a path.
+    resume: Any = False
+
+
+def register_configs() -> None:
+    """Register every schema with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="policy", name="mlp_schema", node=MLPPolicyConfig)
+    cs.store(group="env", name="toy_schema", node=ToyEnvConfig)
+    cs.store(group="algo", name="ppo_schema", node=PPOConfig)
+    cs.store(group="algo", name="grpo_schema", node=GRPOConfig)
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``rlplat-train <overrides>`` would run, built outside a Hydra app.
+
+    For tests, benchmarks and notebooks. Interpolations that read Hydra's runtime (the run
+    name from the experiment choice) are resolved here, so the result stands on its own.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+    with initialize_config_module("rlplat.conf", version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    name = cfg.name
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg.name = name
+    return cfg

@@ -1,0 +1,158 @@
+"""Run logging: metrics.jsonl (always), wandb (offline by default), console progress, media."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl file (missing file: no rows)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(src: str | Path, dst: str | Path, last_step: int) -> None:
+    """Writes the rows of ``src`` with step <= last_step to ``dst`` (resume drops later rows)."""
+    rows = [r for r in read_metrics(src) if r["step"] <= last_step]
+    Path(dst).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class RunLogger:
+    """Writes one JSON row per iteration and shows progress.
+
+    Args:
+        run_dir: the Hydra run directory.
+        total_steps: iterations of the run (for the progress bar).
+        backend: console or wandb.
+        config: the resolved run config (for wandb).
+        mode: wandb mode, offline or online.
+        project: wandb project.
+        log_every: print a console line every this many iterations.
+        progress_bar: show a live bar when stdout is a terminal.
+        start_step: iteration the run (re)starts from.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        backend: str = "console",
+        config: Mapping[str, Any] | None = None,
+        mode: str = "offline",
+        project: str = "rlplat",
+        log_every: int = 1,
+        progress_bar: bool = True,
+        start_step: int = 0,
+    ) -> None:
+        if backend not in ("console", "wandb"):
+            raise ValueError(f"logger.backend={backend!r} must be console or wandb")
+        self.path = Path(run_dir) / METRICS_FILE
+        self.log_every = max(1, log_every)
+        self.console = Console()
+        self.wandb = None
+        if backend == "wandb":
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(run_dir))
+            self.wandb = wandb.init(project=project, mode=mode, dir=str(run_dir), config=dict(config or {}))
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=self.console, disable=not (progress_bar and self.console.is_terminal),
+        )
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+        self.progress.start()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Appends a row (with ``step``) and updates the console."""
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+        summary = _summary(row)
+        self.progress.update(self.task, completed=step, info=summary)
+        if step % self.log_every == 0 or "eval/success_rate" in row:
+            self.console.print(f"step {step:>5}  {summary}", highlight=False)
+
+    def log_media(self, name: str, path: Path) -> None:
+        """Attaches an image or video file to wandb (files are on disk already)."""
+        if self.wandb is not None:
+            import wandb
+
+            media = wandb.Video(str(path)) if path.suffix in (".gif", ".mp4") else wandb.Image(str(path))
+            self.wandb.log({name: media})
+
+    def close(self) -> None:
+        self.progress.stop()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _summary(row: Mapping[str, Any]) -> str:
+    parts = [f"env_steps {row.get('env_steps', 0):,}"]
+    for key, label in (
+        ("perf/env_steps_per_s", "steps/s {:.0f}"),
+        ("train/success_rate", "train success {:.2f}"),
+        ("train/episode_return", "return {:.2f}"),
+        ("eval/success_rate", "EVAL success {:.2f}"),
+    ):
+        if row.get(key) is not None:
+            parts.append(label.format(row[key]))
+    return "  ".join(parts)
+
+
+def plot_learning_curve(metrics_path: Path, out_png: Path, keys: Sequence[str] = ("train/success_rate", "eval/success_rate")) -> Path:
+    """Success (or any keys) versus env steps, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        pts = [(r["env_steps"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o" if key.startswith("eval") else None, label=key)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 10) -> Path:
+    """Writes uint8 HxWx3 frames as a GIF (or MP4 if the suffix says so and ffmpeg exists)."""
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)
+    else:
+        imageio.mimsave(path, list(frames), fps=fps)
+    return path

@@ -1,0 +1,200 @@
+"""WorkerGroup: one Ray actor per device, with the worker's registered methods as group calls."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlplat.runtime.dispatch import Dispatch, collect_results, dispatch_args, registered_methods
+from rlplat.runtime.placement import Placement
+from rlplat.runtime.worker import Worker
+
+
+# After a worker fails, how long to wait for the others before raising: long enough to collect
+# their results (so their errors are not reported again as unhandled), short enough not to
+# hang on ranks that the failed one blocks (e.g. in a collective).
+ERROR_GRACE_S = 5.0
+
+
+def _raise_cause(err: RayTaskError) -> None:
+    """Re-raise a worker's exception as itself, the remote traceback chained as its cause."""
+    cause = err.cause
+    if isinstance(cause, Exception) and not isinstance(cause, RayError):
+        raise cause from err
+    raise err
+
+
+def _get(refs: list[ray.ObjectRef], timeout: float | None = None) -> list[Any]:
+    """``ray.get`` that raises the lowest failed rank's exception as its own type."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except RayTaskError:
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=ERROR_GRACE_S)[0])
+        errors = []
+        for ref in [r for r in refs if r in ready]:
+            try:
+                ray.get(ref)
+            except RayTaskError as err:
+                errors.append(err)
+        _raise_cause(errors[0])
+        raise  # unreachable: errors holds at least the error caught above
+
+
+class GroupCall:
+    """A group call in flight; ``get()`` waits and returns the merged result."""
+
+    def __init__(self, refs: list[ray.ObjectRef], collect: Callable[[list[Any]], Any]) -> None:
+        self.refs = refs
+        self._collect = collect
+
+    def done(self) -> bool:
+        """True when every worker has finished (without waiting)."""
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        return len(ready) == len(self.refs)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for every worker and return the merged result; raises a worker's exception."""
+        return self._collect(_get(self.refs, timeout))
+
+
+class WorkerGroup:
+    """Ray actors running ``worker_cls``, one per device, called as one object.
+
+    Every method of ``worker_cls`` marked with ``@register(mode)`` is bound onto the group
+    under the same name: it splits the arguments by ``mode``, calls the actors, waits and
+    merges the results. ``call_async`` does the same without waiting.
+
+    Args:
+        worker_cls: A ``Worker`` subclass; rank i is built as
+            ``worker_cls(rank=i, world_size=len(devices), **init_kwargs)``.
+        devices: Device (bundle) index of each rank.
+        placement: The placement group to run in; None runs plain actors (tests).
+        share: Fraction of a device each actor reserves (``Placement.share(role)``); without a
+            placement, the number of CPUs per actor.
+        init_kwargs: Extra constructor arguments, the same for every rank.
+        name: Shown in errors and in ``repr``.
+        env_vars: Environment variables of the actor processes (Ray ``runtime_env``).
+
+    Raises:
+        ActorDiedError: a worker's constructor raised (its traceback is in the message).
+    """
+
+    def __init__(
+        self,
+        worker_cls: type[Worker],
+        devices: list[int],
+        placement: Placement | None = None,
+        share: float = 1.0,
+        init_kwargs: dict[str, Any] | None = None,
+        name: str = "",
+        env_vars: dict[str, str] | None = None,
+    ) -> None:
+        if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
+            raise TypeError(f"worker_cls must be a Worker subclass, got {worker_cls!r}")
+        if not devices:
+            raise ValueError(
+                f"worker group {name or worker_cls.__name__!r} needs at least one device"
+            )
+        if not 0 < share <= 1 and placement is not None:
+            raise ValueError(f"share must be in (0, 1], got {share}")
+        self.name = name or worker_cls.__name__
+        self.worker_cls = worker_cls
+        self.devices = list(devices)
+        self._methods = registered_methods(worker_cls)
+        clashes = sorted(m for m in self._methods if hasattr(WorkerGroup, m))
+        if clashes:
+            raise ValueError(
+                f"{worker_cls.__name__} registers {clashes}, which WorkerGroup uses itself; "
+                "rename them"
+            )
+
+        options: dict[str, Any] = {"num_cpus": share}
+        if placement is not None:
+            if placement.placement_group is None:
+                raise ValueError("the placement has been removed")
+            options["num_cpus"] = share * placement.spec.cpus_per_device
+            if placement.spec.use_gpu:
+                options["num_gpus"] = share
+        if env_vars:
+            options["runtime_env"] = {"env_vars": {k: str(v) for k, v in env_vars.items()}}
+        actor_cls = ray.remote(worker_cls)
+        self.workers = []
+        for rank, device in enumerate(self.devices):
+            if placement is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=placement.placement_group, placement_group_bundle_index=device
+                )
+            self.workers.append(
+                actor_cls.options(**options).remote(
+                    rank=rank, world_size=len(self.devices), **(init_kwargs or {})
+                )
+            )
+        # Wait until every constructor has run, so its errors surface here.
+        try:
+            _get([w.ping.remote() for w in self.workers])
+        except BaseException:
+            self.shutdown()
+            raise
+
+        for method_name in self._methods:
+            setattr(self, method_name, self._bind(method_name))
+
+    def _bind(self, method_name: str) -> Callable[..., Any]:
+        @functools.wraps(getattr(self.worker_cls, method_name))
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.call_async(method_name, *args, **kwargs).get()
+
+        return call
+
+    @property
+    def world_size(self) -> int:
+        """Number of workers."""
+        return len(self.workers)
+
+    def call_async(self, method_name: str, *args: Any, **kwargs: Any) -> GroupCall:
+        """Start a registered method on the workers; ``.get()`` on the result waits and merges."""
+        mode = self._methods.get(method_name)
+        if mode is None:
+            raise AttributeError(
+                f"{self.worker_cls.__name__} has no registered method {method_name!r}; "
+                f"registered: {sorted(self._methods)}"
+            )
+        if not self.workers:
+            raise RuntimeError(f"worker group {self.name!r} has been shut down")
+        calls = dispatch_args(mode, self.world_size, args, kwargs)
+        if mode is Dispatch.ONE_TO_ALL and self.world_size > 1:
+            # Serialize each large argument once instead of once per worker; Ray resolves
+            # object refs passed as top-level arguments.
+            args, kwargs = calls[0]
+            args = tuple(_share(a) for a in args)
+            kwargs = {k: _share(v) for k, v in kwargs.items()}
+            calls = [(args, kwargs)] * self.world_size
+        refs = [
+            getattr(worker, method_name).remote(*a, **kw)
+            for worker, (a, kw) in zip(self.workers, calls)
+        ]
+        return GroupCall(refs, functools.partial(collect_results, mode))
+
+    def shutdown(self) -> None:
+        """Kill the actors (idempotent)."""
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+    def __repr__(self) -> str:
+        return (
+            f"WorkerGroup({self.name!r}, {self.worker_cls.__name__} x {self.world_size}, "
+            f"devices={self.devices})"
+        )
+
+
+def _share(value: Any) -> Any:
+    """Put anything but small scalars (and existing refs) into the object store once."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes, ray.ObjectRef)):
+        return value
+    return ray.put(value)

@@ -1,0 +1,181 @@
+"""PolicyWorker: the policy in one process, serving the rollout, actor and ref roles it holds.
+
+Colocated roles live in one worker (no weight copies); when rollout and actor sit on different
+devices they are separate groups and the controller copies weights after each update. Several
+actor workers train data-parallel: each takes a shard of the rollout and gradients are averaged
+with torch.distributed (gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from safetensors.torch import load_file, save_file
+
+from rlplat.algos.base import Algorithm
+from rlplat.batch import Batch
+from rlplat.policies.base import ActionPolicy
+from rlplat.runtime.dispatch import Dispatch, register
+from rlplat.runtime.worker import Worker
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class PolicyWorker(Worker):
+    """Holds a policy (and its optimizer when it is an actor).
+
+    Args:
+        policy_cfg: the ``policy`` config (``_target_`` + arguments).
+        algo_cfg: the ``algo`` config (``_target_`` + arguments).
+        observation_space: the env's single observation space.
+        action_space: the env's single action space.
+        roles: roles this worker serves: any of rollout, actor, ref.
+        seed: parameter init seed (equal on every rank so data-parallel replicas start equal).
+        torch_threads: intra-op threads of this process.
+    """
+
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        policy_cfg: dict[str, Any],
+        algo_cfg: dict[str, Any],
+        observation_space: Any,
+        action_space: Any,
+        roles: list[str],
+        seed: int,
+        torch_threads: int = 1,
+    ) -> None:
+        super().__init__(rank, world_size)
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.policy: ActionPolicy = instantiate(
+            policy_cfg, observation_space=observation_space, action_space=action_space
+        )
+        self.algo: Algorithm = instantiate(algo_cfg)
+        self.roles = set(roles)
+        self.ref: ActionPolicy | None = None
+        if self.algo.needs_ref and "rollout" in self.roles:
+            # The reference is the policy as initialised (or loaded), frozen.
+            self.ref = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.optimizer: torch.optim.Optimizer | None = None
+        if "actor" in self.roles:
+            self.optimizer = torch.optim.Adam(
+                self.policy.parameters(), lr=self.algo.optim["lr"], eps=self.algo.optim.get("eps", 1e-5)
+            )
+        # Minibatch order and action sampling get their own streams, distinct per rank.
+        self.minibatch_generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+        torch.manual_seed(seed + 104729 * (rank + 1))
+
+    # ----------------------------------------------------------------- rollout role
+    @register(Dispatch.SHARD_BY_BATCH)
+    @torch.no_grad()
+    def act(self, obs: Batch, deterministic: bool = False) -> Batch:
+        """Actions, log-probs (and values, ref log-probs) for a batch of observations."""
+        out = self.policy.act(obs, deterministic=deterministic)
+        result = Batch({"actions": out.actions, "logprobs": out.logprobs})
+        if out.values is not None:
+            result["values"] = out.values
+        for key, value in out.extras.items():
+            result[key] = value
+        if self.ref is not None:
+            result["ref_logprobs"] = self.ref.evaluate(obs, out.actions, out.extras).logprobs
+        return result
+
+    @register(Dispatch.SHARD_BY_BATCH)
+    @torch.no_grad()
+    def value(self, obs: Batch) -> Batch:
+        """V(s) for a batch of observations (bootstrapping)."""
+        return Batch({"values": self.policy.value(obs)})
+
+    # ----------------------------------------------------------------- actor role
+    @register(Dispatch.SHARD_BY_BATCH)
+    def update(self, batch: Batch, lr: float) -> dict[str, float]:
+        """One algorithm update on this rank's shard of the rollout; returns mean metrics."""
+        if self.optimizer is None:
+            raise RuntimeError(f"update() called on a worker with roles {sorted(self.roles)}, not actor")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.policy.train()
+        distributed = self.world_size > 1
+        return self.algo.update(
+            self.policy,
+            self.optimizer,
+            batch,
+            self.minibatch_generator,
+            sync_grads=self._average_gradients if distributed else None,
+            sync_scalar=self._average_scalar if distributed else None,
+        )
+
+    def _average_gradients(self) -> None:
+        for p in self.policy.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.world_size
+
+    def _average_scalar(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t) / self.world_size
+
+    @register(Dispatch.RANK_ZERO)
+    def rendezvous(self) -> str:
+        """A tcp:// address on rank 0's host for torch.distributed."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{socket.gethostbyname(socket.gethostname())}:{port}"
+
+    @register(Dispatch.ONE_TO_ALL)
+    def init_distributed(self, init_method: str) -> None:
+        """Joins the data-parallel process group of the actor workers."""
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+
+    # ----------------------------------------------------------------- weights and checkpoints
+    @register(Dispatch.RANK_ZERO)
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the policy weights (to sync rollout workers)."""
+        return {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
+
+    @register(Dispatch.ONE_TO_ALL)
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Loads policy weights (strictly: names and shapes must match)."""
+        self.policy.load_state_dict(weights)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def save(self, path: str) -> None:
+        """Writes weights (safetensors) and optimizer on rank 0, and every rank's RNG streams."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            save_file({k: v.contiguous() for k, v in self.get_weights().items()}, folder / WEIGHTS_FILE)
+            if self.optimizer is not None:
+                torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        rng = {"torch": torch.get_rng_state(), "minibatch": self.minibatch_generator.get_state()}
+        torch.save(rng, folder / f"rng_{self._tag()}_rank{self.rank}.pt")
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load(self, path: str) -> None:
+        """Restores what ``save`` wrote (weights always; optimizer and RNG where present)."""
+        folder = Path(path)
+        self.policy.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        # The reference stays the initial policy: it is rebuilt from the same seed on resume.
+        if self.optimizer is not None and (folder / OPTIMIZER_FILE).exists():
+            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+        rng_file = folder / f"rng_{self._tag()}_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            self.minibatch_generator.set_state(rng["minibatch"])
+
+    def _tag(self) -> str:
+        return "-".join(sorted(self.roles))

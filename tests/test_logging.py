@@ -1,0 +1,39 @@
+import json
+import math
+
+import numpy as np
+
+from rlplat.logging import RunLogger, plot_learning_curve, read_metrics, save_video, truncate_metrics
+
+
+def test_run_logger_writes_rows_and_prints_progress(tmp_path, capsys):
+    logger = RunLogger(tmp_path, total_steps=3, progress_bar=False)
+    for step in (1, 2):
+        logger.log(step, {"env_steps": 100 * step, "train/success_rate": 0.5 * step, "bad": math.nan})
+    logger.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows == [
+        {"step": 1, "env_steps": 100, "train/success_rate": 0.5, "bad": None},
+        {"step": 2, "env_steps": 200, "train/success_rate": 1.0, "bad": None},
+    ]
+    assert "train success 1.00" in capsys.readouterr().out
+
+
+def test_truncate_metrics_drops_rows_after_the_checkpoint(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
+    truncate_metrics(src, tmp_path / "b.jsonl", last_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "b.jsonl")] == [1, 2, 3]
+    truncate_metrics(src, src, last_step=2)
+    assert [r["step"] for r in read_metrics(src)] == [1, 2]
+
+
+def test_plot_and_video_files(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "env_steps": 10 * s, "train/success_rate": s / 5}) + "\n" for s in range(1, 6))
+    )
+    png = plot_learning_curve(tmp_path / "metrics.jsonl", tmp_path / "media/curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    frames = [np.full((16, 16, 3), i * 20, np.uint8) for i in range(5)]
+    gif = save_video(frames, tmp_path / "media/ep.gif")
+    assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
