@@ -84,9 +84,12 @@ class ToyReachEnv(VectorEnv):
     after ``max_episode_steps`` steps.
 
     **Observations** (dict, leading dim N; see ``rlplat.envs.base``):
-    - ``state`` float32 [N, S], S = 2 + K * (2 + C) + C with K = ``num_objects`` and
+    - ``state`` float32 [N, S], S = 2 + K * (2 + C) + C + 2 with K = ``num_objects`` and
       C = ``len(colors)``: gripper xy; then for each square k: its xy minus the gripper xy,
-      and a one-hot of its colour over ``colors``; then a one-hot of the instructed colour.
+      and a one-hot of its colour over ``colors``; then a one-hot of the instructed colour;
+      then the target's xy minus the gripper xy. Like ManiSkill's state observations it is
+      privileged (it names the goal), so state baselines learn fast without grounding the
+      language; image and instruction policies (``rgb`` + ``instruction``) must ground it.
     - ``proprio`` float32 [N, 3]: gripper xy and the episode's elapsed fraction t / T.
     - ``image`` uint8 [N, image_size, image_size, 3] (obs modes with rgb): gray background,
       coloured squares, the gripper as a dark disc. Row 0 is y = +1, column 0 is x = -1.
@@ -177,7 +180,7 @@ class ToyReachEnv(VectorEnv):
         self._colors = colors
         n, k, c = int(num_envs), self.num_objects, len(colors)
 
-        state_dim = 2 + k * (2 + c) + c
+        state_dim = 2 + k * (2 + c) + c + 2
         side = self.image_size
         obs_spaces: dict[str, spaces.Space] = {
             "state": spaces.Box(-2.0, 2.0, (state_dim,), np.float32),
@@ -203,6 +206,7 @@ class ToyReachEnv(VectorEnv):
         self._rel_cols = (starts[:, None] + np.arange(2)).ravel()
         self._onehot_cols = (starts[:, None] + 2 + np.arange(c)).ravel()
         self._instr_cols = 2 + block * k + np.arange(c)
+        self._goal_cols = 2 + block * k + c + np.arange(2)
         self._eye = np.eye(c, dtype=np.float32)
         self._color_rgb = np.array([PALETTE[name] for name in colors], np.uint8)
         # Pixel-centre coordinates: column j is x, row i is y with row 0 at the top (y = +1).
@@ -487,6 +491,7 @@ class ToyReachEnv(VectorEnv):
         state[:, :2] = gripper
         relative = self._obj_pos[rows] - gripper[:, None, :]
         state[:, self._rel_cols] = relative.reshape(len(rows), -1)
+        state[:, self._goal_cols] = self._target_pos[rows] - gripper
         proprio = np.empty((len(rows), 3), np.float32)
         proprio[:, :2] = gripper
         proprio[:, 2] = self._t[rows] / self.max_episode_steps

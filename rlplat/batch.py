@@ -30,6 +30,10 @@ Index = int | slice | torch.Tensor | np.ndarray | Sequence[int] | Sequence[bool]
 _NUMERIC_KINDS = frozenset("biufc")
 
 
+# Dtypes numpy cannot hold; such tensors are pickled as tensors.
+_NO_NUMPY_DTYPES = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
 def _as_extra(key: str, value: Any) -> np.ndarray:
     """Convert a non-tensor field to a numpy array with one entry per row."""
     if isinstance(value, np.ndarray):
@@ -380,16 +384,28 @@ class Batch:
         return Batch._from_parts(self._tensors.to(device), dict(self._extras), self.meta)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Plain dicts keep the pickle independent of TensorDict internals.
+        # CPU tensors travel as numpy arrays: pickling a numpy array is ~20x faster than a
+        # torch tensor, which matters for the many small per-step batches sent through Ray.
+        arrays, tensors = {}, {}
+        for key, value in self._tensors.items():
+            if value.device.type == "cpu" and value.dtype not in _NO_NUMPY_DTYPES:
+                arrays[key] = value.detach().numpy()
+            else:
+                tensors[key] = value
         return {
-            "tensors": dict(self._tensors.items()),
+            "arrays": arrays,
+            "tensors": tensors,
+            "order": list(self._tensors.keys()),
             "batch_size": self.batch_size,
             "extras": self._extras,
             "meta": self.meta,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._tensors = TensorDict(state["tensors"], batch_size=[state["batch_size"]])
+        # Ray hands out large arrays as read-only views of its object store: copy those.
+        arrays = {k: v if v.flags.writeable else v.copy() for k, v in state["arrays"].items()}
+        fields = {**{k: torch.from_numpy(v) for k, v in arrays.items()}, **state["tensors"]}
+        self._tensors = TensorDict({k: fields[k] for k in state["order"]}, batch_size=[state["batch_size"]])
         self._extras = state["extras"]
         self.meta = state["meta"]
 

@@ -126,6 +126,8 @@ class GRPOConfig:
     group_size: int = 8
     # Outcome score of an episode: return (sum of rewards) or success (0/1).
     outcome: str = "return"
+    # Discount inside the episode for outcome=return (1: plain sum; < 1 favours faster success).
+    gamma: float = 1.0
     # Divide group-centred outcomes by the group std (false: Dr. GRPO style).
     std_normalize: bool = True
     # Drop groups whose outcomes are all equal (they carry no signal).

@@ -68,8 +68,8 @@ def test_obs_shapes_dtypes_and_spaces(obs_mode: str) -> None:
     if "rgb" in obs_mode:
         expected_keys.add("image")
     assert set(obs) == expected_keys
-    # S = 2 + K * (2 + C) + C with K = 3 objects and C = 4 colours.
-    assert obs["state"].shape == (5, 24) and obs["state"].dtype == np.float32
+    # S = 2 + K * (2 + C) + C + 2 with K = 3 objects and C = 4 colours.
+    assert obs["state"].shape == (5, 26) and obs["state"].dtype == np.float32
     assert obs["proprio"].shape == (5, 3) and obs["proprio"].dtype == np.float32
     assert obs["instruction"].shape == (5,) and obs["instruction"].dtype == object
     assert all(isinstance(s, str) for s in obs["instruction"])
@@ -101,7 +101,9 @@ def test_state_vector_layout_matches_scene() -> None:
         np.testing.assert_allclose(block[:, :2], objects[:, j] - gripper, atol=1e-6)
         np.testing.assert_array_equal(block[:, 2:], np.eye(c)[colors[:, j]])
     target_color = colors[np.arange(16), target]
-    np.testing.assert_array_equal(state[:, -c:], np.eye(c)[target_color])
+    np.testing.assert_array_equal(state[:, -c - 2 : -2], np.eye(c)[target_color])
+    # The privileged goal: the target's xy minus the gripper xy.
+    np.testing.assert_allclose(state[:, -2:], objects[np.arange(16), target] - gripper, atol=1e-6)
     for i in range(16):
         assert f" {env.colors[target_color[i]]} square" in obs["instruction"][i]
     # Scene constraints: distinct colours, objects apart and in bounds, gripper away from all.

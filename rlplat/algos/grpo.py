@@ -1,0 +1,96 @@
+"""GRPO (Shao et al. 2024) for embodied episodes: group-relative outcome advantages, no critic.
+
+Every iteration starts ``num_envs / group_size`` groups of envs; the envs of a group share one
+seed, so they start from the same initial state and differ only by the policy's sampling. Each
+env's first episode is scored (return or success), scores are normalised within the group, and
+that advantage is applied to every step of the episode under the PPO-clip surrogate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rlplat.algos.advantages import group_normalized_advantages, nonuniform_group_mask
+from rlplat.algos.base import Algorithm, BatchArithmeticError
+from rlplat.algos.losses import entropy_bonus, kl_penalty, masked_mean, ppo_policy_loss
+from rlplat.batch import Batch
+from rlplat.policies.base import EvalOutput
+
+_OUTCOMES = ("return", "success")
+
+
+def first_episode_mask(dones: torch.Tensor) -> torch.Tensor:
+    """[T, N] bool: steps up to and including each env's first episode end."""
+    ended_before = torch.cumsum(dones.long(), dim=0) - dones.long()
+    return ended_before == 0
+
+
+class GRPO(Algorithm):
+    """PPO-clip on group-normalised episode outcomes, optional KL to the initial policy."""
+
+    needs_value = False
+    episodic = True
+    needs_final_values = False
+
+    def __init__(self, **cfg):
+        super().__init__(**cfg)
+        if cfg["outcome"] not in _OUTCOMES:
+            raise ValueError(f"algo.outcome={cfg['outcome']!r} is not one of {_OUTCOMES}")
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.cfg["kl_coef"] > 0
+
+    def rollout_steps(self, max_episode_steps: int) -> int:
+        # One full episode per env: every first episode ends (success or time limit) by then.
+        return max_episode_steps
+
+    def reset_seeds(self, num_envs: int, rng: np.random.Generator) -> list[int]:
+        group_size = self.cfg["group_size"]
+        group_seeds = rng.integers(0, 2**31 - 1, size=num_envs // group_size)
+        return [int(s) for s in np.repeat(group_seeds, group_size)]
+
+    def check(self, num_envs: int, max_episode_steps: int, num_env_workers: int, num_actor_workers: int) -> None:
+        group_size = self.cfg["group_size"]
+        if group_size < 2 or num_envs % group_size:
+            raise BatchArithmeticError(
+                f"env.num_envs={num_envs} must be a multiple of algo.group_size={group_size} "
+                f"(>= 2): each group of envs shares one initial state"
+            )
+        super().check(num_envs, max_episode_steps, num_env_workers, num_actor_workers)
+
+    def compute_advantages(self, batch: Batch, num_steps: int, num_envs: int) -> Batch:
+        shape = (num_steps, num_envs)
+        dones = batch["terminated"].view(shape) | batch["truncated"].view(shape)
+        mask = first_episode_mask(dones)
+        if self.cfg["outcome"] == "return":
+            # Every episode starts at t = 0 (episodic rollouts), so gamma^t discounts within it.
+            discount = self.cfg["gamma"] ** torch.arange(num_steps, dtype=torch.float32)
+            outcome = (batch["rewards"].view(shape) * mask * discount.unsqueeze(1)).sum(0)
+        else:
+            outcome = (batch["success"].view(shape) & mask).any(0).float()
+        group_size = self.cfg["group_size"]
+        advantages = group_normalized_advantages(outcome, group_size, self.cfg["std_normalize"])
+        keep = torch.ones(num_envs, dtype=torch.bool)
+        if self.cfg["filter_uniform_groups"]:
+            keep = nonuniform_group_mask(outcome, group_size)
+        mask = mask & keep.unsqueeze(0)
+        batch["advantages"] = advantages.unsqueeze(0).expand(shape).reshape(-1)
+        batch["mask"] = mask.reshape(-1)
+        batch.meta["valid_rows"] = int(mask.sum())
+        batch.meta["kept_groups"] = int(keep.sum()) // group_size
+        batch.meta["outcome_mean"] = float(outcome.mean())
+        return batch
+
+    def loss(self, mb: Batch, out: EvalOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = mb["mask"]
+        pg_loss, metrics = ppo_policy_loss(out.logprobs, mb["logprobs"], mb["advantages"], self.cfg["clip_coef"], mask)
+        entropy = entropy_bonus(out.entropy, mask)
+        loss = pg_loss - self.cfg["ent_coef"] * entropy
+        metrics = {**metrics, "pg_loss": pg_loss.detach(), "entropy": entropy.detach()}
+        if self.needs_ref:
+            kl = masked_mean(kl_penalty(out.logprobs, mb["ref_logprobs"], self.cfg["kl_kind"]), mask)
+            loss = loss + self.cfg["kl_coef"] * kl
+            metrics["kl_ref"] = kl.detach()
+        return loss, metrics

@@ -1,0 +1,305 @@
+"""The embodied RL controller: env <-> policy rollouts, advantages, update, eval, checkpoint.
+
+One process runs this loop top to bottom; the heavy state lives in Ray worker groups (env
+shards, the policy for rollout, the policy for training). Read ``EmbodiedLoop.run`` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rlplat import checkpoint
+from rlplat.algos.base import Algorithm
+from rlplat.batch import Batch
+from rlplat.logging import METRICS_FILE, RunLogger, plot_learning_curve, save_video, truncate_metrics
+from rlplat.runtime.placement import Placement, PlacementSpec, parse_devices
+from rlplat.runtime.worker_group import WorkerGroup
+from rlplat.workers.env import EnvWorker
+from rlplat.workers.policy import PolicyWorker
+
+log = logging.getLogger(__name__)
+
+FINAL = "final/"
+_EPISODE_KEYS = ("rewards", "terminated", "truncated", "success", "episode_return", "episode_length")
+
+
+def check_config(cfg: DictConfig) -> Algorithm:
+    """Builds the algorithm and checks the batch arithmetic before anything starts."""
+    algo: Algorithm = instantiate(cfg.algo, _convert_="all")
+    roles = cfg.placement.roles
+    for role in ("env", "rollout", "actor"):
+        if role not in roles:
+            raise ValueError(f"placement.roles has no {role!r}: add placement.roles.{role}=<devices>")
+    algo.check(
+        num_envs=cfg.env.num_envs,
+        max_episode_steps=cfg.env.max_episode_steps,
+        num_env_workers=len(parse_devices(roles.env)),
+        num_actor_workers=len(parse_devices(roles.actor)),
+    )
+    return algo
+
+
+class EmbodiedLoop:
+    """Trains an ActionPolicy on a VectorEnv with an Algorithm, placed by ``cfg.placement``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.algo = check_config(cfg)
+        self.num_envs = cfg.env.num_envs
+        self.rng = np.random.default_rng(cfg.seed)
+        self._build_workers()
+        self.num_steps = self.algo.rollout_steps(self.max_episode_steps)
+        self.obs: Batch | None = None
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
+        tc = self.cfg.trainer
+        start = self._restore_or_reset()
+        logger = RunLogger(
+            self.run_dir, tc.total_steps, backend=self.cfg.logger.backend,
+            config=OmegaConf.to_container(self.cfg, resolve=True), mode=self.cfg.logger.mode,
+            project=self.cfg.logger.project, log_every=self.cfg.logger.log_every,
+            progress_bar=self.cfg.logger.progress_bar, start_step=start,
+        )
+        metrics: dict[str, Any] = {}
+        try:
+            for step in range(start + 1, tc.total_steps + 1):
+                t0 = time.perf_counter()
+                batch, metrics = self.collect_rollout()
+                t_rollout = time.perf_counter() - t0
+                batch = self.algo.compute_advantages(batch, self.num_steps, self.num_envs)
+                metrics |= self.update(batch, step)
+                self.sync_weights()
+                metrics |= {
+                    "env_steps": step * self.num_envs * self.num_steps,
+                    "perf/env_steps_per_s": self.num_envs * self.num_steps / t_rollout,
+                    "perf/iteration_s": time.perf_counter() - t0,
+                }
+                last = step == tc.total_steps
+                if last or (tc.eval_every and step % tc.eval_every == 0):
+                    metrics |= self.evaluate(video_path=self._media("episode.gif") if last and tc.save_video else None)
+                logger.log(step, metrics)
+                if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    self.save_checkpoint(step)
+        finally:
+            logger.close()
+        self._report(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ stages
+    def collect_rollout(self) -> tuple[Batch, dict[str, float]]:
+        """Runs ``num_steps`` env steps on every env; returns the time-major rollout batch."""
+        if self.algo.episodic or self.obs is None:
+            seeds = self.algo.reset_seeds(self.num_envs, self.rng) or self._fresh_seeds()
+            self.obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}))
+        records, ended = [], torch.zeros(self.num_envs, dtype=torch.bool)
+        returns, lengths, successes = [], [], []
+        for _ in range(self.num_steps):
+            out = self.rollout.act(self.obs, deterministic=False)
+            result = self.envs.step(out.select("actions"))
+            record = self.obs.select(*self.obs_keys)
+            record.update(out)
+            record.update(result.select(*_EPISODE_KEYS))
+            done = result["terminated"] | result["truncated"]
+            if self.algo.needs_final_values:
+                record["final_values"] = self._final_values(result)
+            # Episodic algorithms score each env's first episode only.
+            counted = done & ~ended if self.algo.episodic else done
+            returns.append(result["episode_return"][counted])
+            lengths.append(result["episode_length"][counted].float())
+            successes.append(result["success"][counted].float())
+            ended |= done
+            records.append(record)
+            self.obs = result.select(*self.obs_keys)
+        batch = Batch.concat(records)
+        if self.algo.needs_value:
+            batch.meta["last_values"] = self.rollout.value(self.obs)["values"]
+        stats = {k: torch.cat(v) for k, v in (("return", returns), ("length", lengths), ("success", successes))}
+        metrics = {"train/episodes": float(len(stats["return"]))}
+        if len(stats["return"]):
+            metrics |= {
+                "train/episode_return": float(stats["return"].mean()),
+                "train/episode_length": float(stats["length"].mean()),
+                "train/success_rate": float(stats["success"].mean()),
+            }
+        return batch, metrics
+
+    def update(self, batch: Batch, step: int) -> dict[str, float]:
+        """One algorithm update on the actor group; returns its averaged metrics."""
+        lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps)
+        metrics = {"train/lr": lr}
+        for key in ("valid_rows", "kept_groups", "outcome_mean"):
+            if key in batch.meta:
+                metrics[f"train/{key}"] = float(batch.meta[key])
+        if batch.meta.get("valid_rows", 1) == 0:
+            log.info("no informative rollouts this iteration: update skipped")
+            return metrics
+        per_rank = self.actor.update(batch, lr)
+        per_rank = per_rank if isinstance(per_rank, list) else [per_rank]
+        for key in per_rank[0]:
+            metrics[key] = float(np.mean([m[key] for m in per_rank]))
+        return metrics
+
+    def sync_weights(self) -> None:
+        """Copies trained weights to a separate rollout group (no-op when they are fused)."""
+        if self.rollout is not self.actor:
+            self.rollout.set_weights(self.actor.get_weights())
+
+    def evaluate(self, video_path: Path | None = None) -> dict[str, float]:
+        """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes."""
+        n = self.cfg.trainer.eval_episodes
+        seeds = np.random.default_rng([self.cfg.seed, 1]).integers(0, 2**31 - 1, size=n)
+        obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}), split="eval")
+        ended = torch.zeros(n, dtype=torch.bool)
+        success, returns = torch.zeros(n), torch.zeros(n)
+        lengths = torch.full((n,), float(self.max_episode_steps))
+        frames = [self.envs.render(split="eval", index=0)] if video_path else []
+        for _ in range(self.max_episode_steps):
+            out = self.rollout.act(obs, deterministic=True)
+            result = self.envs.step(out.select("actions"), split="eval")
+            new = (result["terminated"] | result["truncated"]) & ~ended
+            success[new] = result["success"][new].float()
+            returns[new] = result["episode_return"][new]
+            lengths[new] = result["episode_length"][new].float()
+            # Env 0 auto-resets when its episode ends, so the video stops at the step before.
+            if video_path and not (ended[0] or new[0]):
+                frames.append(self.envs.render(split="eval", index=0))
+            ended |= new
+            obs = result.select(*self.obs_keys)
+            if ended.all():
+                break
+        if video_path and frames:
+            save_video(frames, video_path)
+        return {
+            "eval/success_rate": float(success.mean()),
+            "eval/episode_return": float(returns.mean()),
+            "eval/episode_length": float(lengths.mean()),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Writes policy, optimizer, all RNG streams, env states and the current observations."""
+        tmp = checkpoint.begin(self.run_dir, step)
+        for group in self.policy_groups:
+            group.save(str(tmp / checkpoint.POLICY))
+        checkpoint.save_trainer_state(tmp, {
+            "step": step,
+            "controller_rng": checkpoint.capture_rng(),
+            "loop_rng": self.rng.bit_generator.state,
+            "env_states": self.envs.get_state(),
+            "obs": self.obs,
+        })
+        return checkpoint.commit(tmp, self.cfg.trainer.keep_checkpoints)
+
+    def _restore_or_reset(self) -> int:
+        """Loads the checkpoint ``resume`` names (returning its step), else starts at 0."""
+        folder = checkpoint.find_resume_checkpoint(self.cfg.resume, self.run_dir)
+        if folder is None:
+            return 0
+        state = checkpoint.load_trainer_state(folder)
+        self.load_policy(folder)
+        self.envs.set_state(state["env_states"])
+        self.obs = state["obs"]
+        self.rng.bit_generator.state = state["loop_rng"]
+        checkpoint.restore_rng(state["controller_rng"])
+        source_run = folder.parent.parent
+        truncate_metrics(source_run / METRICS_FILE, self.run_dir / METRICS_FILE, state["step"])
+        log.info("resumed from %s at step %d", folder, state["step"])
+        print(f"resumed from {folder} (step {state['step']})")
+        return state["step"]
+
+    def load_policy(self, folder: Path) -> None:
+        """Loads a checkpoint's policy (weights, optimizer, RNG) into every policy group."""
+        for group in self.policy_groups:
+            group.load(str(Path(folder) / checkpoint.POLICY))
+
+    # ------------------------------------------------------------------ set-up
+    def _build_workers(self) -> None:
+        cfg = self.cfg
+        pc = cfg.placement
+        # The env role is a different worker class, so it never fuses with policy roles.
+        self.placement = Placement(PlacementSpec.from_config(pc), never_fuse={"env"})
+        threads = cfg.trainer.torch_threads
+        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.envs = WorkerGroup(
+            EnvWorker, self.placement.devices("env"), self.placement, self.placement.share("env"),
+            init_kwargs={
+                "env_cfg": OmegaConf.to_container(cfg.env, resolve=True),
+                "num_envs": self.num_envs,
+                "num_eval_envs": cfg.trainer.eval_episodes,
+                "include_final_obs": self.algo.needs_final_values,
+                "torch_threads": threads,
+            },
+            name="env", env_vars=env_vars,
+        )
+        spec = self.envs.spec()
+        self.max_episode_steps = spec["max_episode_steps"]
+        self.obs_keys = list(spec["observation_space"].spaces)
+        self.policy_groups: list[WorkerGroup] = []
+        for roles in self.placement.fused_groups():
+            if "env" in roles:
+                continue
+            roles = list(roles) + (["ref"] if "rollout" in roles and self.algo.needs_ref else [])
+            group = WorkerGroup(
+                PolicyWorker, self.placement.devices(roles[0]), self.placement,
+                self.placement.share(roles[0]),
+                init_kwargs={
+                    "policy_cfg": OmegaConf.to_container(cfg.policy, resolve=True),
+                    "algo_cfg": OmegaConf.to_container(cfg.algo, resolve=True),
+                    "observation_space": spec["observation_space"],
+                    "action_space": spec["action_space"],
+                    "roles": roles,
+                    "seed": cfg.seed,
+                    "torch_threads": threads,
+                },
+                name="+".join(roles), env_vars=env_vars,
+            )
+            self.policy_groups.append(group)
+            if "rollout" in roles:
+                self.rollout = group
+            if "actor" in roles:
+                self.actor = group
+        if self.actor.world_size > 1:
+            self.actor.init_distributed(self.actor.rendezvous())
+
+    def shutdown(self) -> None:
+        """Stops the worker groups and frees the placement group."""
+        for group in [self.envs, *self.policy_groups]:
+            group.shutdown()
+        self.placement.remove()
+
+    # ------------------------------------------------------------------ helpers
+    def _fresh_seeds(self) -> list[int]:
+        return [int(s) for s in self.rng.integers(0, 2**31 - 1, size=self.num_envs)]
+
+    def _final_values(self, result: Batch) -> torch.Tensor:
+        """V(final obs) where an episode was truncated (0 elsewhere)."""
+        truncated = result["truncated"]
+        values = torch.zeros(len(result))
+        if truncated.any():
+            final = Batch(batch_size=len(result))
+            for key in self.obs_keys:
+                final[key] = result[FINAL + key]
+            values = torch.where(truncated, self.rollout.value(final)["values"], values)
+        return values
+
+    def _media(self, name: str) -> Path:
+        return self.run_dir / "media" / name
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        plot = plot_learning_curve(self.run_dir / METRICS_FILE, self._media("learning_curve.png"))
+        print(f"final eval success rate: {metrics.get('eval/success_rate', float('nan')):.3f}")
+        print(f"learning curve: {plot}")
+        if (video := self._media("episode.gif")).exists():
+            print(f"episode video: {video}")
+        print(f"run dir: {self.run_dir}")

@@ -1,0 +1,145 @@
+"""End-to-end runs of the controller loop on a local CPU Ray, at small sizes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlplat.config import compose
+from rlplat.logging import read_metrics
+from rlplat.loops.embodied import EmbodiedLoop
+from rlplat.train import run
+
+# 8 envs x 10 steps per iteration, 2 minibatches, 4 eval episodes.
+SMALL = [
+    "env.num_envs=8", "algo.rollout_steps=10", "algo.num_minibatches=2", "trainer.eval_episodes=4",
+    "logger.progress_bar=false", "policy.hidden_sizes=[32,32]",
+]
+
+# Metrics that measure time, not learning: they differ between any two runs.
+def _deterministic(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("perf/")}
+
+
+def test_colocated_run_writes_metrics_checkpoints_and_media(ray_local, tmp_path):
+    cfg = compose([*SMALL, "trainer.total_steps=3", "trainer.eval_every=2", "trainer.checkpoint_every=2"])
+    final = run(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["env_steps"] for r in rows] == [80, 160, 240]
+    assert "eval/success_rate" in rows[1] and "eval/success_rate" not in rows[0]
+    assert 0.0 <= final["eval/success_rate"] <= 1.0 and final["train/minibatches"] > 0
+    assert (tmp_path / "config.yaml").exists()
+    # keep_checkpoints=2 keeps steps 2 and 3.
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step_2", "step_3"]
+    assert (tmp_path / "checkpoints/step_3/policy/model.safetensors").exists()
+    assert (tmp_path / "media/learning_curve.png").stat().st_size > 1000
+    assert (tmp_path / "media/episode.gif").stat().st_size > 0
+
+
+def test_disaggregated_placement_with_separate_rollout_group_syncs_weights(ray_local, tmp_path):
+    # Env on device 0, rollout on device 0, actor on device 1: rollout and actor are two groups.
+    cfg = compose([*SMALL, "placement=disaggregated", "placement.roles.rollout=0", "trainer.total_steps=2",
+                   "trainer.eval_every=0", "trainer.save_video=false", "name=t"])
+    loop = EmbodiedLoop(cfg, tmp_path)
+    try:
+        assert loop.rollout is not loop.actor
+        before = loop.rollout.get_weights()
+        loop.run()
+        actor_w, rollout_w = loop.actor.get_weights(), loop.rollout.get_weights()
+        assert all(torch.equal(actor_w[k], rollout_w[k]) for k in actor_w)
+        assert any(not torch.equal(before[k], rollout_w[k]) for k in before)
+    finally:
+        loop.shutdown()
+
+
+def test_disaggregated_preset_runs(ray_local, tmp_path):
+    cfg = compose([*SMALL, "placement=disaggregated", "trainer.total_steps=2", "trainer.save_video=false"])
+    final = run(cfg, tmp_path)
+    assert final["env_steps"] == 160
+
+
+def test_two_env_workers_and_two_actor_workers_match_one_of_each_for_rollouts(ray_local, tmp_path):
+    # Env sharding must not change the data: same seeds -> same first-iteration episodes.
+    base = [*SMALL, "trainer.total_steps=1", "trainer.save_video=false", "algo.update_epochs=1"]
+    one = run(compose(base), tmp_path / "one")
+    two = run(compose([*base, "placement.num_devices=2", "placement.roles.env=0-1",
+                       "placement.cpus_per_device=0.5"]), tmp_path / "two")
+    for key in ("train/episode_return", "train/success_rate", "eval/success_rate"):
+        assert one.get(key) == pytest.approx(two.get(key)), key
+
+
+def test_data_parallel_actor_workers_train(ray_local, tmp_path):
+    cfg = compose([*SMALL, "placement.num_devices=2", "placement.cpus_per_device=0.5",
+                   "placement.roles.env=0", "placement.roles.rollout=0-1", "placement.roles.actor=0-1",
+                   "trainer.total_steps=2", "trainer.save_video=false"])
+    loop = EmbodiedLoop(cfg, tmp_path)
+    try:
+        assert loop.actor.world_size == 2
+        loop.run()
+        # Averaged gradients keep the replicas identical.
+        w = [loop.actor.workers[i].get_weights.remote() for i in range(2)]
+        import ray
+
+        w0, w1 = ray.get(w)
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    finally:
+        loop.shutdown()
+
+
+def test_grpo_runs_and_reports_groups(ray_local, tmp_path):
+    cfg = compose([*SMALL, "algo=grpo", "algo.group_size=4", "env.max_episode_steps=10",
+                   "trainer.total_steps=2", "trainer.save_video=false", "algo.kl_coef=0.1"])
+    final = run(cfg, tmp_path)
+    assert final["env_steps"] == 2 * 8 * 10
+    assert 0 <= final["train/kept_groups"] <= 2
+
+
+def _cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rlplat.train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_kill_9_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
+    args = [*SMALL, "trainer.total_steps=30", "trainer.checkpoint_every=3", "trainer.eval_every=5",
+            "trainer.save_video=false", "logger.log_every=1000"]
+    ref = _cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    victim = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, start_new_session=True)
+    ckpt = tmp_path / "run/checkpoints/step_6"
+    deadline = time.time() + 240
+    while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    victim.wait()
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert ckpt.exists() and rows[-1]["step"] < 30, "the run finished before it could be killed"
+
+    resumed = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}", "resume=true"], tmp_path)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    got = [_deterministic(r) for r in read_metrics(tmp_path / "run/metrics.jsonl")]
+    want = [_deterministic(r) for r in read_metrics(tmp_path / "ref/metrics.jsonl")]
+    assert [r["step"] for r in got] == list(range(1, 31))
+    assert got == want
+
+
+def test_multirun_makes_one_run_dir_per_job(tmp_path):
+    proc = _cli(["-m", "seed=0,1", *SMALL, "trainer.total_steps=2", "trainer.save_video=false",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    metrics = sorted((tmp_path / "sweep").glob("*/metrics.jsonl"))
+    assert len(metrics) == 2
+    assert sorted(OmegaConf.load(m.parent / "config.yaml").seed for m in metrics) == [0, 1]
+    assert all(len(read_metrics(m)) == 2 for m in metrics)
