@@ -26,7 +26,7 @@ from rlplat.train import run
 # Per-algorithm overrides on top of the quickstart preset.
 ALGO_OVERRIDES = {
     "ppo": ["algo=ppo", "trainer.total_steps=60", "trainer.eval_every=10"],
-    "grpo": ["algo=grpo", "trainer.total_steps=120", "trainer.eval_every=20"],
+    "grpo": ["algo=grpo", "trainer.total_steps=150", "trainer.eval_every=10"],
 }
 
 

@@ -20,7 +20,13 @@ from rlplat import checkpoint
 from rlplat.train import offline_defaults
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (see the module docstring)."""
+    evaluate_checkpoint(argv)
+
+
+def evaluate_checkpoint(argv: list[str] | None = None) -> dict[str, float]:
+    """Parses ``argv``, evaluates the checkpoint, writes eval.json and returns the metrics."""
     parser = argparse.ArgumentParser(prog="rlplat-eval", description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a run dir (newest checkpoint) or a checkpoints/step_N folder")
     parser.add_argument("--episodes", type=int, default=None, help="episodes (default: the run's trainer.eval_episodes)")

@@ -146,10 +146,17 @@ def plot_learning_curve(metrics_path: Path, out_png: Path, keys: Sequence[str] =
     return out_png
 
 
-def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 10) -> Path:
-    """Writes uint8 HxWx3 frames as a GIF (or MP4 if the suffix says so and ffmpeg exists)."""
+def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 10, min_size: int = 256) -> Path:
+    """Writes uint8 HxWx3 frames as a GIF (or MP4 if the suffix says so and ffmpeg exists).
+
+    Small frames are upscaled (nearest neighbour) to at least ``min_size`` pixels so a 64x64
+    sim image stays viewable.
+    """
     import imageio.v2 as imageio
 
+    scale = max(1, min_size // max(1, frames[0].shape[0])) if len(frames) else 1
+    if scale > 1:
+        frames = [np.repeat(np.repeat(f, scale, axis=0), scale, axis=1) for f in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":
         imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+# Tests stay offline and out of the home directory; subprocesses inherit these.
+_SANDBOX = tempfile.mkdtemp(prefix="rlplat-tests-")
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MPLCONFIGDIR": os.path.join(_SANDBOX, "matplotlib"),
+    "XDG_CACHE_HOME": os.path.join(_SANDBOX, "cache"),
+    "WANDB_DIR": os.path.join(_SANDBOX, "wandb"),
+    "OMP_NUM_THREADS": "1",
+})
 
 
 @pytest.fixture(scope="session")

@@ -51,4 +51,4 @@ def test_default_config_is_the_quickstart():
     assert cfg.algo._target_.endswith("PPO") and cfg.env._target_.endswith("ToyReachEnv")
     assert cfg.placement.name == "colocated"
     grpo = compose(["algo=grpo"])
-    assert grpo.algo._target_.endswith("GRPO") and grpo.algo.group_size == 8
+    assert grpo.algo._target_.endswith("GRPO") and grpo.algo.group_size == 4

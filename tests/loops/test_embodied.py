@@ -95,7 +95,8 @@ def test_data_parallel_actor_workers_train(ray_local, tmp_path):
 
 
 def test_grpo_runs_and_reports_groups(ray_local, tmp_path):
-    cfg = compose([*SMALL, "algo=grpo", "algo.group_size=4", "env.max_episode_steps=10",
+    small = [o for o in SMALL if not o.startswith("algo.rollout_steps")]
+    cfg = compose([*small, "algo=grpo", "algo.group_size=4", "env.max_episode_steps=10",
                    "trainer.total_steps=2", "trainer.save_video=false", "algo.kl_coef=0.1"])
     final = run(cfg, tmp_path)
     assert final["env_steps"] == 2 * 8 * 10
