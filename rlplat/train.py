@@ -32,20 +32,22 @@ def offline_defaults() -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs one training job in ``run_dir`` (also used by tests and benchmarks)."""
-    from rlplat.algos.base import BatchArithmeticError
+    from hydra.errors import InstantiationException
+
     from rlplat.loops.embodied import EmbodiedLoop, check_config
     from rlplat.runtime.cluster import ClusterConfig, ray_session
 
     offline_defaults()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        check_config(cfg)
-    except (BatchArithmeticError, ValueError) as err:
+        # Before Ray starts, so a bad config fails in seconds.
+        algo = check_config(cfg)
+    except (ValueError, InstantiationException) as err:
         raise SystemExit(f"config error: {err}") from None
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))
     with ray_session(cluster):
-        loop = EmbodiedLoop(cfg, run_dir)
+        loop = EmbodiedLoop(cfg, run_dir, algo)
         try:
             return loop.run()
         finally:

@@ -2,6 +2,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from rlplat.logging import RunLogger, plot_learning_curve, read_metrics, save_video, truncate_metrics
 
@@ -37,3 +38,18 @@ def test_plot_and_video_files(tmp_path):
     frames = [np.full((16, 16, 3), i * 20, np.uint8) for i in range(5)]
     gif = save_video(frames, tmp_path / "media/ep.gif")
     assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+
+
+def test_wandb_backend_runs_offline_inside_the_run_dir(tmp_path):
+    logger = RunLogger(tmp_path, total_steps=2, backend="wandb", mode="offline", progress_bar=False,
+                       config={"seed": 0})
+    logger.log(1, {"env_steps": 10, "train/success_rate": 0.25})
+    logger.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["train/success_rate"] == 0.25
+
+
+def test_unknown_backend_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="logger.backend"):
+        RunLogger(tmp_path, total_steps=1, backend="tensorboard")

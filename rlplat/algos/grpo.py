@@ -18,6 +18,7 @@ from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
 
 _OUTCOMES = ("return", "success")
+_KL_KINDS = ("k1", "k2", "k3")
 
 
 def first_episode_mask(dones: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,8 @@ class GRPO(Algorithm):
         super().__init__(**cfg)
         if cfg["outcome"] not in _OUTCOMES:
             raise ValueError(f"algo.outcome={cfg['outcome']!r} is not one of {_OUTCOMES}")
+        if cfg["kl_kind"] not in _KL_KINDS:
+            raise ValueError(f"algo.kl_kind={cfg['kl_kind']!r} is not one of {_KL_KINDS}")
 
     @property
     def needs_ref(self) -> bool:

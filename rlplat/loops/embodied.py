@@ -50,10 +50,10 @@ def check_config(cfg: DictConfig) -> Algorithm:
 class EmbodiedLoop:
     """Trains an ActionPolicy on a VectorEnv with an Algorithm, placed by ``cfg.placement``."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, algo: Algorithm | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.algo = check_config(cfg)
+        self.algo = algo or check_config(cfg)
         self.num_envs = cfg.env.num_envs
         self.rng = np.random.default_rng(cfg.seed)
         self._build_workers()

@@ -82,3 +82,5 @@ def test_group_arithmetic_errors():
         make_grpo(group_size=8).check(30, 50, 1, 1)
     with pytest.raises(ValueError, match="algo.outcome"):
         make_grpo(outcome="reward")
+    with pytest.raises(ValueError, match="algo.kl_kind"):
+        make_grpo(kl_kind="k4")
