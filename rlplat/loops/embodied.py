@@ -214,7 +214,6 @@ class EmbodiedLoop:
         checkpoint.restore_rng(state["controller_rng"])
         source_run = folder.parent.parent
         truncate_metrics(source_run / METRICS_FILE, self.run_dir / METRICS_FILE, state["step"])
-        log.info("resumed from %s at step %d", folder, state["step"])
         print(f"resumed from {folder} (step {state['step']})")
         return state["step"]
 

@@ -153,10 +153,11 @@ class PolicyWorker(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def save(self, path: str) -> None:
-        """Writes weights (safetensors) and optimizer on rank 0, and every rank's RNG streams."""
+        """Writes weights (safetensors) and optimizer on actor rank 0, and every rank's RNG streams."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
+        # Weights once per checkpoint: a separate rollout group holds a synced copy of them.
+        if self.rank == 0 and "actor" in self.roles:
             save_file({k: v.contiguous() for k, v in self.get_weights().items()}, folder / WEIGHTS_FILE)
             if self.optimizer is not None:
                 torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
