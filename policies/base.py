@@ -12,8 +12,10 @@ Observations are a mapping (a dict, or an ``rlplat.batch.Batch``) with the Vecto
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +69,41 @@ class ActionPolicy(nn.Module, abc.ABC):
     def value(self, obs: Observation) -> torch.Tensor:
         """V(s) [B] for bootstrapping; raises for policies without a critic."""
         raise NotImplementedError(f"{type(self).__name__} has no value head")
+
+    # ---- training hooks with defaults; families override what they need -------------------
+
+    #: Whether ``evaluate_reference`` scores under the frozen reference without a second copy
+    #: (e.g. a LoRA policy with its adapter disabled). Otherwise the trainer keeps a frozen copy.
+    reference_is_builtin: bool = False
+
+    def evaluate_reference(
+        self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None
+    ) -> EvalOutput:
+        """``evaluate`` under the reference policy, for policies with ``reference_is_builtin``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no built-in reference")
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, each with its ``lr`` (default: every trainable weight at ``lr``)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights training changes: what checkpoints store and weight syncs copy."""
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Loads what ``trainable_state_dict`` returned (strictly)."""
+        self.load_state_dict(dict(state))
+
+    def set_action_stats(self, stats: Mapping[str, Any], key: str) -> None:
+        """Adopts action statistics computed from demonstrations (``compute_stats`` format).
+
+        Policies that act in a normalised action space (OpenVLA's bins) unnormalise with them;
+        the default ignores them (a Gaussian policy acts in env units directly).
+        """
+
+    def save_pretrained(self, save_dir: str | os.PathLike) -> Path | None:
+        """Exports the policy in its ecosystem's format (None: nothing beyond the checkpoint)."""
+        return None
 
 
 class DiffusionPolicy(nn.Module, abc.ABC):

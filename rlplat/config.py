@@ -38,6 +38,80 @@ class MLPPolicyConfig:
     instruction_buckets: int = 256
 
 
+@dataclass
+class OpenVLATinyConfig:
+    """Shape of the random-init tiny OpenVLA (built once, cached, loaded with from_pretrained)."""
+
+    # Square input side of the vision tower(s) in pixels (env images are resized to it).
+    image_size: int = 32
+    # Side of a ViT patch in pixels (image_size must be a multiple).
+    patch_size: int = 8
+    # DINOv2 + SigLIP fused towers (6-channel input) instead of SigLIP alone.
+    fused: bool = False
+    # Width of the vision tower(s).
+    vision_hidden_size: int = 32
+    # Transformer blocks per vision tower.
+    vision_layers: int = 2
+    # Width of the Llama decoder.
+    llm_hidden_size: int = 64
+    # Llama decoder blocks.
+    llm_layers: int = 2
+    # Init seed of the random weights (part of the cache key).
+    seed: int = 0
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA settings (r = 0 trains every weight instead)."""
+
+    # Adapter rank; 0 disables LoRA (full fine-tuning).
+    r: int = 0
+    # LoRA alpha (null: min(r, 16), OpenVLA's fine-tuning default).
+    alpha: int | None = None
+    # Dropout on the adapter input.
+    dropout: float = 0.0
+    # Modules that get adapters: "all-linear" or a list of module-name suffixes.
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class OpenVLAPolicyConfig:
+    """OpenVLA vision-language-action policy (policies/openvla/policy.py)."""
+
+    # Class that builds the policy.
+    _target_: str = "rlplat.policies.openvla.policy.OpenVLAPolicy"
+    # Local HF-format model folder or hub id found in the local HF cache (null: the tiny preset).
+    path: str | None = None
+    # Tiny preset shape, used when path is null.
+    tiny: OpenVLATinyConfig = field(default_factory=OpenVLATinyConfig)
+    # Cache folder of the tiny preset (null: $RLPLAT_CACHE_DIR or <tmp>/rlplat-cache).
+    cache_dir: str | None = None
+    # Start from an rlplat run / checkpoint / export (e.g. an SFT run) instead of path or tiny.
+    init_from: str | None = None
+    # Weight dtype: float32, bfloat16 or float16.
+    dtype: str = "float32"
+    # auto (cuda when available), cpu or cuda[:i].
+    device: str = "auto"
+    # LoRA adapter via peft; the KL reference is the model with the adapter disabled.
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Add a value head on the last prompt position (PPO needs it; GRPO does not).
+    value_head: bool = False
+    # Learning rate of the value head (null: the algorithm's lr).
+    value_lr: float | None = None
+    # Keep the value loss from shaping the shared trunk (the head reads a detached state).
+    value_detach: bool = False
+    # Sampling temperature of rollouts.
+    temperature: float = 1.0
+    # Statistics entry that unnormalises actions (null: the only one).
+    unnorm_key: str | None = None
+    # Keep the vision tower(s) fixed.
+    freeze_vision: bool = False
+    # Recompute LLM activations in backward (saves memory on 7B).
+    gradient_checkpointing: bool = False
+    # Copy the base weights next to the LoRA adapter in exports (off for 7B bases).
+    export_base: bool = True
+
+
 # --------------------------------------------------------------------------- env
 
 
@@ -112,6 +186,8 @@ class PPOConfig:
     target_kl: float | None = None
     # Normalise advantages per minibatch.
     norm_adv: bool = True
+    # Iterations at the start that train only the value loss (a fresh critic on a warm policy).
+    critic_warmup_steps: int = 0
     # Optimizer.
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -148,6 +224,30 @@ class GRPOConfig:
     target_kl: float | None = None
     # Optimizer.
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class SFTConfig:
+    """Behaviour cloning on the env's scripted expert (rlplat/algos/sft.py)."""
+
+    # Class that implements the algorithm.
+    _target_: str = "rlplat.algos.sft.SFT"
+    # Env steps per env per iteration (demonstration rows = num_envs x rollout_steps).
+    rollout_steps: int = 50
+    # Std of the Gaussian noise added to the executed expert action (the label stays clean).
+    expert_noise: float = 0.3
+    # Compute action statistics (q01/q99) from the first demonstrations and give them to the policy.
+    compute_action_stats: bool = True
+    # Name of those statistics (OpenVLA's unnorm_key); null: the env class name in lower case.
+    stats_key: str | None = None
+    # Minibatches per epoch; num_envs * rollout_steps must divide evenly.
+    num_minibatches: int = 8
+    # Passes over each batch of demonstrations.
+    update_epochs: int = 1
+    # Stop the epoch loop once approx KL exceeds this (null: never; unused by SFT).
+    target_kl: float | None = None
+    # Optimizer.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, max_grad_norm=1.0))
 
 
 # --------------------------------------------------------------------------- placement
@@ -214,6 +314,18 @@ class TrainerConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """An SFT phase that runs before the main algorithm when the policy has no init_from."""
+
+    # SFT iterations before the main run (0: no warm start).
+    steps: int = 0
+    # Evaluate the warm-started policy every this many SFT iterations (0: only at the end).
+    eval_every: int = 0
+    # The SFT settings (conf/algo/sft.yaml's schema).
+    algo: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
 class TrainConfig:
     """Top-level config of rlplat-train."""
 
@@ -229,6 +341,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Controller schedule.
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Optional SFT phase before the main algorithm (writes <run dir>/warm_start, then init_from).
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     # Ray cluster: start a local one (address null) or connect (address=auto).
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Run name used in the output path.
@@ -244,9 +358,11 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="policy", name="mlp_schema", node=MLPPolicyConfig)
+    cs.store(group="policy", name="openvla_schema", node=OpenVLAPolicyConfig)
     cs.store(group="env", name="toy_schema", node=ToyEnvConfig)
     cs.store(group="algo", name="ppo_schema", node=PPOConfig)
     cs.store(group="algo", name="grpo_schema", node=GRPOConfig)
+    cs.store(group="algo", name="sft_schema", node=SFTConfig)
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

@@ -9,6 +9,7 @@ With no arguments it runs ``experiment=quickstart``. Examples::
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -39,19 +40,56 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     offline_defaults()
     run_dir.mkdir(parents=True, exist_ok=True)
+    warm_cfg = warm_start_config(cfg, run_dir)
     try:
         # Before Ray starts, so a bad config fails in seconds.
         algo = check_config(cfg)
+        warm_algo = check_config(warm_cfg) if warm_cfg is not None else None
     except (ValueError, InstantiationException) as err:
         raise SystemExit(f"config error: {err}") from None
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))
     with ray_session(cluster):
+        if warm_cfg is not None:
+            warm_dir = run_dir / WARM_START_DIR
+            if not (warm_dir / "checkpoints" / f"step_{warm_cfg.trainer.total_steps}").is_dir():
+                print(f"warm start: {warm_cfg.trainer.total_steps} SFT iterations in {warm_dir}")
+                warm = EmbodiedLoop(warm_cfg, warm_dir, warm_algo)
+                try:
+                    warm.run()
+                finally:
+                    warm.shutdown()
+            cfg = copy.deepcopy(cfg)
+            cfg.policy.init_from = str(warm_dir)
         loop = EmbodiedLoop(cfg, run_dir, algo)
         try:
             return loop.run()
         finally:
             loop.shutdown()
+
+
+WARM_START_DIR = "warm_start"
+
+
+def warm_start_config(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
+    """The SFT run that precedes ``cfg`` (``warm_start.steps`` > 0, no ``policy.init_from``), or None."""
+    ws = cfg.warm_start
+    if ws.steps <= 0 or cfg.policy.get("init_from"):
+        return None
+    if "init_from" not in cfg.policy:
+        raise SystemExit(
+            f"config error: warm_start.steps={ws.steps} needs a policy that can start from a "
+            f"checkpoint (policy.init_from); this policy has none, set warm_start.steps=0"
+        )
+    warm = copy.deepcopy(cfg)
+    warm.algo = ws.algo
+    warm.trainer.total_steps = ws.steps
+    warm.trainer.eval_every = ws.eval_every
+    warm.trainer.checkpoint_every = 0
+    warm.trainer.save_video = False
+    # Resume a half-finished warm start of this run dir (never another run's).
+    warm.resume = str(run_dir / WARM_START_DIR) if (run_dir / WARM_START_DIR / "checkpoints").is_dir() else False
+    return warm
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rlplat.conf", config_name="train")

@@ -55,7 +55,11 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from rlplat.policies.openvla.action_tokenizer import ActionTokenizer
-from rlplat.policies.openvla.processor import OpenVLAProcessor, build_tiny_tokenizer, processor_config_for
+from rlplat.policies.openvla.processor import (
+    OpenVLAProcessor,
+    build_tiny_tokenizer,
+    processor_config_for,
+)
 
 IGNORE_INDEX = -100
 
@@ -358,13 +362,15 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         action_dim: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_hidden: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Action token ids [B, D] and their log-probs [B, D], KV-cached, only action ids allowed.
 
         One prefill over the left-padded prompt, then ``D - 1`` single-token steps. Greedy
         (argmax) unless ``do_sample``. The log-probs are under ``softmax(logits / temperature)``
         restricted to the action ids, i.e. the distribution the tokens were drawn from.
-        ``D`` is ``action_dim`` or ``config.action_dim``.
+        ``D`` is ``action_dim`` or ``config.action_dim``. With ``return_hidden`` a third tensor
+        follows: the hidden state [B, H] at the last prompt position (what the value head reads).
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
@@ -373,6 +379,7 @@ class OpenVLAForActionPrediction(PreTrainedModel):
         prompt = self.embed_prompt(input_ids, attention_mask, pixel_values)
         cache = DynamicCache(config=self.config.text_config)
         hidden = self._decode(prompt.embeds, prompt.attention_mask, prompt.position_ids, cache)[:, -1]
+        prompt_hidden = hidden
         mask, position = prompt.attention_mask, prompt.position_ids[:, -1:]
         tokens, logprobs = [], []
         for step in range(steps):
@@ -389,7 +396,21 @@ class OpenVLAForActionPrediction(PreTrainedModel):
             position = position + 1
             embeds = self.get_input_embeddings()(tokens[-1].unsqueeze(-1))
             hidden = self._decode(embeds, mask, position, cache)[:, -1]
-        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+        out = (torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1))
+        return (*out, prompt_hidden) if return_hidden else out
+
+    def prompt_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden state [B, H] at the last prompt position (one prefill, no generation)."""
+        prompt = self.embed_prompt(input_ids, attention_mask, pixel_values)
+        return self._decode(prompt.embeds, prompt.attention_mask, prompt.position_ids)[:, -1]
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s) [B] (float32) from ``prompt_hidden``; needs ``config.value_head``."""
+        if not self.config.value_head:
+            raise ValueError("this OpenVLA config has no value head; build it with value_head=True")
+        return self._values(hidden)
 
     def evaluate_actions(
         self,
@@ -495,24 +516,35 @@ def tiny_openvla_config(
     pad_token_id: int = 0,
     bos_token_id: int = 1,
     eos_token_id: int = 2,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
+    llm_hidden_size: int = 64,
+    llm_layers: int = 2,
+    patch_size: int = 8,
 ) -> OpenVLAConfig:
-    """A config of a few hundred thousand parameters: 2-layer towers and a 2-layer, 64-wide Llama."""
-    patch = 8
+    """A small random-init config; the defaults give ~150k parameters (2-layer towers, 64-wide Llama).
+
+    Widths must be multiples of their head count (2 heads per vision tower, ``llm_hidden_size
+    // 16`` query heads and half as many key/value heads in the Llama).
+    """
+    patch = patch_size
     if image_size % patch:
         raise ValueError(f"image_size must be a multiple of the patch size {patch}, got {image_size}")
     siglip = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers, num_attention_heads=2,
         image_size=image_size, patch_size=patch, vision_use_head=False,
     )
     dino = None
     if fused:
         dino = Dinov2WithRegistersConfig(
-            hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=2,
+            hidden_size=vision_hidden_size, mlp_ratio=2, num_hidden_layers=vision_layers, num_attention_heads=2,
             image_size=image_size, patch_size=patch, num_register_tokens=4,
         )
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=vocab_size, hidden_size=llm_hidden_size, intermediate_size=2 * llm_hidden_size,
+        num_hidden_layers=llm_layers, num_attention_heads=max(1, llm_hidden_size // 16),
+        num_key_value_heads=max(1, llm_hidden_size // 32), max_position_embeddings=512,
         pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
         tie_word_embeddings=False,
     )
@@ -530,17 +562,19 @@ def build_tiny_openvla(
     image_size: int = 32,
     seed: int = 0,
     value_head: bool = False,
+    **sizes: int,
 ) -> Path:
     """Randomly initialise a tiny OpenVLA and save model, tokenizer and processor to ``save_dir``.
 
-    Load it back with ``load_openvla(save_dir)``. Deterministic given ``seed``.
+    Load it back with ``load_openvla(save_dir)``. Deterministic given ``seed``. ``sizes`` go to
+    ``tiny_openvla_config`` (``vision_hidden_size``, ``llm_layers``, ...).
     """
     save_dir = Path(save_dir)
     tokenizer = build_tiny_tokenizer(save_dir, num_action_bins=256)
     config = tiny_openvla_config(
         vocab_size=len(tokenizer), action_dim=action_dim, fused=fused, image_size=image_size,
         value_head=value_head, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **sizes,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -568,3 +602,67 @@ def load_openvla(
     model.eval()
     return model, OpenVLAProcessor.from_pretrained(path), model.config.action_tokenizer()
 
+
+
+# --------------------------------------------------------------------------------------------
+# openvla/openvla-7b: its published config.json -> OpenVLAConfig
+# --------------------------------------------------------------------------------------------
+
+# timm towers of Prismatic's 224 px backbones (vit_large_patch14_reg4_dinov2, vit_so400m_patch14_siglip_224).
+_DINOV2_L14_REG4 = {
+    "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4,
+    "patch_size": 14, "num_register_tokens": 4,
+}
+_SIGLIP_SO400M_14 = {
+    "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "patch_size": 14, "vision_use_head": False,
+}
+_BACKBONES = {"dinosiglip-vit-so-224px": True, "siglip-vit-so400m": False}
+
+
+def openvla_config_from_json(raw: dict[str, Any], value_head: bool = False) -> OpenVLAConfig:
+    """Our config for OpenVLA's own ``config.json`` (``model_type: openvla``, remote-code format).
+
+    Supports the 224 px backbones OpenVLA ships (``dinosiglip-vit-so-224px`` as in openvla-7b,
+    ``siglip-vit-so400m``); ``text_config`` fills in Llama-2-7B's defaults as transformers does.
+    """
+    backbone = raw.get("vision_backbone_id", "dinosiglip-vit-so-224px")
+    if backbone not in _BACKBONES:
+        raise ValueError(f"vision_backbone_id={backbone!r} is not supported; known: {sorted(_BACKBONES)}")
+    fused = bool(raw.get("use_fused_vision_backbone", _BACKBONES[backbone]))
+    sizes = list(raw.get("image_sizes", [224, 224] if fused else [224]))
+    text = {k: v for k, v in dict(raw.get("text_config", {})).items() if k not in ("model_type", "torch_dtype")}
+    text.setdefault("vocab_size", 32064)
+    text.setdefault("pad_token_id", raw.get("pad_token_id", 32000))
+    return OpenVLAConfig(
+        siglip_config=SiglipVisionConfig(image_size=sizes[-1], **_SIGLIP_SO400M_14),
+        dino_config=Dinov2WithRegistersConfig(image_size=sizes[0], **_DINOV2_L14_REG4) if fused else None,
+        text_config=LlamaConfig(**text),
+        use_fused_vision_backbone=fused,
+        image_sizes=sizes,
+        n_action_bins=int(raw.get("n_action_bins", 256)),
+        action_dim=7,
+        norm_stats=raw.get("norm_stats") or {},
+        pad_to_multiple_of=int(raw.get("pad_to_multiple_of", 64)),
+        value_head=value_head,
+        vision_backbone_id=backbone,
+        llm_backbone_id=raw.get("llm_backbone_id", "llama2-7b-pure"),
+    )
+
+
+def openvla_7b_config(value_head: bool = False) -> OpenVLAConfig:
+    """openvla-7b's shape (DINOv2-L/14 + SigLIP-So400m/14 at 224 px, Llama-2 7B, 32064 rows)."""
+    return openvla_config_from_json(
+        {"vision_backbone_id": "dinosiglip-vit-so-224px", "text_config": {"vocab_size": 32064}}, value_head
+    )
+
+
+def instantiate_on(config: OpenVLAConfig, dtype: torch.dtype, device: str | torch.device) -> OpenVLAForActionPrediction:
+    """A randomly initialised model built directly on ``device`` in ``dtype`` (no fp32 CPU copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return OpenVLAForActionPrediction(config)
+    finally:
+        torch.set_default_dtype(previous)

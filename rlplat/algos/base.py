@@ -41,9 +41,13 @@ class Algorithm(abc.ABC):
     episodic: ClassVar[bool] = False
     needs_final_values: ClassVar[bool] = True
 
+    #: Whether rollouts act with the env's scripted expert instead of the policy (SFT).
+    uses_expert: ClassVar[bool] = False
+
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
         self.optim = cfg["optim"]
+        self.iteration = 1
 
     # ----------------------------------------------------------------- rollout shape
     @abc.abstractmethod
@@ -93,13 +97,16 @@ class Algorithm(abc.ABC):
         generator: torch.Generator,
         sync_grads: Callable[[], None] | None = None,
         sync_scalar: Callable[[float], float] | None = None,
+        iteration: int = 1,
     ) -> dict[str, float]:
         """Runs the epochs x minibatches optimisation of ``loss`` on one rollout.
 
         ``sync_grads`` averages gradients over data-parallel actor workers, and ``sync_scalar``
         averages a float (the KL used for early stopping, so every rank stops together).
+        ``iteration`` (from 1) is the training iteration, for schedules such as critic warm-up.
         Minibatches whose loss is not finite are skipped and counted, never stepped.
         """
+        self.iteration = iteration
         sums: dict[str, float] = defaultdict(float)
         count, skipped = 0, 0
         target_kl = self.cfg.get("target_kl")
@@ -107,7 +114,8 @@ class Algorithm(abc.ABC):
         stop = False
         for _ in range(self.cfg["update_epochs"]):
             for mb in batch.minibatches(self.cfg["num_minibatches"], generator):
-                out = policy.evaluate(mb, mb["actions"], None)
+                # The minibatch carries the rollout's extras (e.g. the VLA's action tokens).
+                out = policy.evaluate(mb, mb["actions"], mb)
                 loss, metrics = self.loss(mb, out)
                 if not torch.isfinite(loss):
                     skipped += 1

@@ -64,7 +64,11 @@ class PPO(Algorithm):
         pg_loss, metrics = ppo_policy_loss(out.logprobs, mb["logprobs"], advantages, self.cfg["clip_coef"])
         v_loss = value_loss(out.values, mb["values"], mb["returns"], self.cfg["vf_clip_coef"])
         entropy = entropy_bonus(out.entropy)
-        loss = pg_loss - self.cfg["ent_coef"] * entropy + self.cfg["vf_coef"] * v_loss
+        if self.iteration <= self.cfg.get("critic_warmup_steps", 0):
+            # Critic warm-up: the policy terms are left out, so only the value loss trains.
+            loss = self.cfg["vf_coef"] * v_loss
+        else:
+            loss = pg_loss - self.cfg["ent_coef"] * entropy + self.cfg["vf_coef"] * v_loss
         return loss, {
             **metrics,
             "pg_loss": pg_loss.detach(),

@@ -19,7 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import checkpoint
 from rlplat.algos.base import Algorithm
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, RunLogger, plot_learning_curve, save_video, truncate_metrics
+from rlplat.logging import (
+    METRICS_FILE,
+    RunLogger,
+    plot_learning_curve,
+    save_video,
+    truncate_metrics,
+)
+from rlplat.policies.openvla.action_tokenizer import compute_stats
 from rlplat.runtime.placement import Placement, PlacementSpec, parse_devices
 from rlplat.runtime.worker_group import WorkerGroup
 from rlplat.workers.env import EnvWorker
@@ -59,6 +66,8 @@ class EmbodiedLoop:
         self._build_workers()
         self.num_steps = self.algo.rollout_steps(self.max_episode_steps)
         self.obs: Batch | None = None
+        # Action statistics computed from demonstrations (SFT), once per run.
+        self.action_stats: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
@@ -105,8 +114,12 @@ class EmbodiedLoop:
         records, ended = [], torch.zeros(self.num_envs, dtype=torch.bool)
         returns, lengths, successes = [], [], []
         for _ in range(self.num_steps):
-            out = self.rollout.act(self.obs, deterministic=False)
-            result = self.envs.step(out.select("actions"))
+            if self.algo.uses_expert:
+                out, executed = self._expert_step()
+            else:
+                out = self.rollout.act(self.obs, deterministic=False)
+                executed = out.select("actions")
+            result = self.envs.step(executed)
             record = self.obs.select(*self.obs_keys)
             record.update(out)
             record.update(result.select(*_EPISODE_KEYS))
@@ -122,6 +135,8 @@ class EmbodiedLoop:
             records.append(record)
             self.obs = result.select(*self.obs_keys)
         batch = Batch.concat(records)
+        if self.algo.uses_expert and self.algo.cfg.get("compute_action_stats") and self.action_stats is None:
+            self.set_action_stats(batch["actions"].numpy())
         if self.algo.needs_value:
             batch.meta["last_values"] = self.rollout.value(self.obs)["values"]
         stats = {k: torch.cat(v) for k, v in (("return", returns), ("length", lengths), ("success", successes))}
@@ -134,6 +149,20 @@ class EmbodiedLoop:
             }
         return batch, metrics
 
+    def _expert_step(self) -> tuple[Batch, Batch]:
+        """The expert's clean actions (the labels) and the noisy ones the envs execute."""
+        label = Batch.concat(self.envs.expert_actions(noise=0.0))
+        noise = float(self.algo.cfg.get("expert_noise", 0.0))
+        executed = Batch.concat(self.envs.expert_actions(noise=noise)) if noise > 0 else label
+        return label, executed
+
+    def set_action_stats(self, actions: np.ndarray) -> None:
+        """Computes q01/q99 statistics of demonstrated actions and hands them to every policy group."""
+        key = self.algo.cfg.get("stats_key") or self.cfg.env._target_.rsplit(".", 1)[-1].lower()
+        self.action_stats = {"key": key, "stats": compute_stats(actions)}
+        for group in self.policy_groups:
+            group.set_action_stats(self.action_stats["stats"], key)
+
     def update(self, batch: Batch, step: int) -> dict[str, float]:
         """One algorithm update on the actor group; returns its averaged metrics."""
         lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps)
@@ -144,7 +173,7 @@ class EmbodiedLoop:
         if batch.meta.get("valid_rows", 1) == 0:
             log.info("no informative rollouts this iteration: update skipped")
             return metrics
-        per_rank = self.actor.update(batch, lr)
+        per_rank = self.actor.update(batch, lr, step)
         per_rank = per_rank if isinstance(per_rank, list) else [per_rank]
         for key in per_rank[0]:
             metrics[key] = float(np.mean([m[key] for m in per_rank]))
@@ -198,6 +227,7 @@ class EmbodiedLoop:
             "loop_rng": self.rng.bit_generator.state,
             "env_states": self.envs.get_state(),
             "obs": self.obs,
+            "action_stats": self.action_stats,
         })
         return checkpoint.commit(tmp, self.cfg.trainer.keep_checkpoints)
 
@@ -210,6 +240,7 @@ class EmbodiedLoop:
         self.load_policy(folder)
         self.envs.set_state(state["env_states"])
         self.obs = state["obs"]
+        self.action_stats = state.get("action_stats")
         self.rng.bit_generator.state = state["loop_rng"]
         checkpoint.restore_rng(state["controller_rng"])
         source_run = folder.parent.parent

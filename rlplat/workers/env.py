@@ -88,6 +88,16 @@ class EnvWorker(Worker):
                 out[f"final/{key}"] = final[key]
         return out
 
+    @register(Dispatch.ONE_TO_ALL)
+    def expert_actions(self, noise: float = 0.0, split: str = "train") -> Batch:
+        """The env's scripted expert actions for this shard (``actions``), with optional noise."""
+        env = self.envs[split]
+        if not hasattr(env, "expert_actions"):
+            raise NotImplementedError(
+                f"{type(env).__name__} has no scripted expert (expert_actions); algo=sft needs one"
+            )
+        return Batch({"actions": torch.as_tensor(env.expert_actions(noise=noise), dtype=torch.float32)})
+
     @register(Dispatch.RANK_ZERO)
     def render(self, split: str = "eval", index: int = 0) -> np.ndarray:
         """RGB frame of one env of rank 0's shard, for episode videos."""

@@ -9,6 +9,7 @@ with torch.distributed (gloo on CPU, nccl on GPUs).
 from __future__ import annotations
 
 import copy
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from rlplat.runtime.worker import Worker
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+ACTION_STATS_FILE = "action_stats.json"
+# A policy's export in its family's format (``ActionPolicy.save_pretrained``).
+PRETRAINED_DIR = "pretrained"
 
 
 class PolicyWorker(Worker):
@@ -63,14 +67,19 @@ class PolicyWorker(Worker):
         self.algo: Algorithm = instantiate(algo_cfg)
         self.roles = set(roles)
         self.ref: ActionPolicy | None = None
-        if self.algo.needs_ref and "rollout" in self.roles:
+        if self.algo.needs_ref and "rollout" in self.roles and not self.policy.reference_is_builtin:
             # The reference is the policy as initialised (or loaded), frozen.
             self.ref = copy.deepcopy(self.policy).requires_grad_(False).eval()
         self.optimizer: torch.optim.Optimizer | None = None
         if "actor" in self.roles:
-            self.optimizer = torch.optim.Adam(
-                self.policy.parameters(), lr=self.algo.optim["lr"], eps=self.algo.optim.get("eps", 1e-5)
-            )
+            base_lr = float(self.algo.optim["lr"])
+            groups = self.policy.param_groups(base_lr)
+            for group in groups:
+                # Annealing scales every group's lr by the same factor.
+                group["lr_scale"] = group["lr"] / base_lr if base_lr else 1.0
+            self.optimizer = torch.optim.Adam(groups, lr=base_lr, eps=self.algo.optim.get("eps", 1e-5))
+        # Action statistics adopted from demonstrations (saved with checkpoints).
+        self.action_stats: dict[str, Any] | None = None
         # Minibatch order and action sampling get their own streams, distinct per rank.
         self.minibatch_generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
         torch.manual_seed(seed + 104729 * (rank + 1))
@@ -80,30 +89,36 @@ class PolicyWorker(Worker):
     @torch.no_grad()
     def act(self, obs: Batch, deterministic: bool = False) -> Batch:
         """Actions, log-probs (and values, ref log-probs) for a batch of observations."""
+        self.policy.eval()
         out = self.policy.act(obs, deterministic=deterministic)
         result = Batch({"actions": out.actions, "logprobs": out.logprobs})
         if out.values is not None:
             result["values"] = out.values
         for key, value in out.extras.items():
             result[key] = value
-        if self.ref is not None:
-            result["ref_logprobs"] = self.ref.evaluate(obs, out.actions, out.extras).logprobs
+        if self.algo.needs_ref and "rollout" in self.roles:
+            if self.ref is not None:
+                ref = self.ref.evaluate(obs, out.actions, out.extras)
+            else:
+                ref = self.policy.evaluate_reference(obs, out.actions, out.extras)
+            result["ref_logprobs"] = ref.logprobs
         return result
 
     @register(Dispatch.SHARD_BY_BATCH)
     @torch.no_grad()
     def value(self, obs: Batch) -> Batch:
         """V(s) for a batch of observations (bootstrapping)."""
+        self.policy.eval()
         return Batch({"values": self.policy.value(obs)})
 
     # ----------------------------------------------------------------- actor role
     @register(Dispatch.SHARD_BY_BATCH)
-    def update(self, batch: Batch, lr: float) -> dict[str, float]:
-        """One algorithm update on this rank's shard of the rollout; returns mean metrics."""
+    def update(self, batch: Batch, lr: float, iteration: int = 1) -> dict[str, float]:
+        """One algorithm update (training iteration ``iteration``, from 1) on this rank's shard."""
         if self.optimizer is None:
             raise RuntimeError(f"update() called on a worker with roles {sorted(self.roles)}, not actor")
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         self.policy.train()
         distributed = self.world_size > 1
         return self.algo.update(
@@ -113,6 +128,7 @@ class PolicyWorker(Worker):
             self.minibatch_generator,
             sync_grads=self._average_gradients if distributed else None,
             sync_scalar=self._average_scalar if distributed else None,
+            iteration=iteration,
         )
 
     def _average_gradients(self) -> None:
@@ -143,13 +159,19 @@ class PolicyWorker(Worker):
     # ----------------------------------------------------------------- weights and checkpoints
     @register(Dispatch.RANK_ZERO)
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the policy weights (to sync rollout workers)."""
-        return {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items()}
+        """CPU copy of the trained weights (to sync rollout workers; frozen weights stay put)."""
+        return {k: v.detach().cpu().clone() for k, v in self.policy.trainable_state_dict().items()}
 
     @register(Dispatch.ONE_TO_ALL)
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Loads policy weights (strictly: names and shapes must match)."""
-        self.policy.load_state_dict(weights)
+        """Loads trained weights (strictly: names and shapes must match)."""
+        self.policy.load_trainable_state_dict(weights)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def set_action_stats(self, stats: dict[str, Any], key: str) -> None:
+        """Adopts action statistics from demonstrations (see ``ActionPolicy.set_action_stats``)."""
+        self.policy.set_action_stats(stats, key)
+        self.action_stats = {"key": key, "stats": stats}
 
     @register(Dispatch.ONE_TO_ALL)
     def save(self, path: str) -> None:
@@ -161,6 +183,10 @@ class PolicyWorker(Worker):
             save_file({k: v.contiguous() for k, v in self.get_weights().items()}, folder / WEIGHTS_FILE)
             if self.optimizer is not None:
                 torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+            if self.action_stats is not None:
+                (folder / ACTION_STATS_FILE).write_text(json.dumps(self.action_stats, indent=2))
+            # The family's own format (e.g. save_pretrained + LoRA adapter), for other tools.
+            self.policy.save_pretrained(folder / PRETRAINED_DIR)
         rng = {"torch": torch.get_rng_state(), "minibatch": self.minibatch_generator.get_state()}
         torch.save(rng, folder / f"rng_{self._tag()}_rank{self.rank}.pt")
 
@@ -168,7 +194,10 @@ class PolicyWorker(Worker):
     def load(self, path: str) -> None:
         """Restores what ``save`` wrote (weights always; optimizer and RNG where present)."""
         folder = Path(path)
-        self.policy.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        if (folder / ACTION_STATS_FILE).exists():
+            saved = json.loads((folder / ACTION_STATS_FILE).read_text())
+            self.set_action_stats(saved["stats"], saved["key"])
+        self.policy.load_trainable_state_dict(load_file(folder / WEIGHTS_FILE))
         # The reference stays the initial policy: it is rebuilt from the same seed on resume.
         if self.optimizer is not None and (folder / OPTIMIZER_FILE).exists():
             self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))

@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -5,7 +7,6 @@ from rlplat.algos.base import BatchArithmeticError
 from rlplat.algos.ppo import PPO, bootstrap_next_values
 from rlplat.batch import Batch
 from rlplat.config import PPOConfig
-from dataclasses import asdict
 
 
 def make_ppo(**overrides) -> PPO:
