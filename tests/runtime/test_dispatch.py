@@ -57,11 +57,11 @@ class EchoWorker(Worker):
         raise ValueError(message)
 
     @register(Dispatch.ONE_TO_ALL)
-    def bundle(self) -> tuple[str | None, list[str]]:
+    def bundle(self) -> tuple[str | None, set[str]]:
         """Placement group id and the bundle resources Ray reserved for this actor."""
         # resource_ids() is private: the public get_assigned_resources() strips bundle indices.
         raw = ray._private.worker.global_worker.core_worker.resource_ids()
-        bundles = sorted(k for k in raw if k.startswith("CPU_group_"))
+        bundles = {k for k in raw if k.startswith("CPU_group_")}
         return ray.get_runtime_context().get_placement_group_id(), bundles
 
     def not_registered(self) -> None:
@@ -193,9 +193,10 @@ def test_colocated_groups_share_placement_bundles(ray_local: None) -> None:
         for group in groups:
             check_group(group, offset=0)
             pg_id = placement.placement_group.id.hex()
+            # Sets, not sorted lists: a pg id starting with a digit sorts "CPU_group_0<id>" first.
             assert group.bundle() == [
-                (pg_id, [f"CPU_group_0_{pg_id}", f"CPU_group_{pg_id}"]),
-                (pg_id, [f"CPU_group_1_{pg_id}", f"CPU_group_{pg_id}"]),
+                (pg_id, {f"CPU_group_0_{pg_id}", f"CPU_group_{pg_id}"}),
+                (pg_id, {f"CPU_group_1_{pg_id}", f"CPU_group_{pg_id}"}),
             ]
         # Calls on two groups overlap.
         env_call, policy_call = (g.call_async("rank_plus", 1) for g in groups)
