@@ -59,6 +59,7 @@ class RunLogger:
     ) -> None:
         if backend not in ("console", "wandb"):
             raise ValueError(f"logger.backend={backend!r} must be console or wandb")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / METRICS_FILE
         self.log_every = max(1, log_every)
         self.console = Console()

@@ -33,6 +33,8 @@ _LAZY = {
     "processor_config_for": "processor",
     "map_openvla_state_dict": "checkpoint_mapping",
     "load_openvla_checkpoint": "checkpoint_mapping",
+    "OpenVLAPolicy": "policy",
+    "load": "policy",
 }
 
 

@@ -45,6 +45,11 @@ def check_config(cfg: DictConfig) -> Algorithm:
     for role in ("env", "rollout", "actor"):
         if role not in roles:
             raise ValueError(f"placement.roles has no {role!r}: add placement.roles.{role}=<devices>")
+    if algo.needs_value and OmegaConf.select(cfg, "policy.value_head") is False:
+        raise ValueError(
+            f"{type(algo).__name__} trains a critic but policy.value_head=false; set policy.value_head=true "
+            f"or pick an algorithm without one (algo=grpo)"
+        )
     algo.check(
         num_envs=cfg.env.num_envs,
         max_episode_steps=cfg.env.max_episode_steps,

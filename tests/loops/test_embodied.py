@@ -144,3 +144,49 @@ def test_multirun_makes_one_run_dir_per_job(tmp_path):
     assert len(metrics) == 2
     assert sorted(OmegaConf.load(m.parent / "config.yaml").seed for m in metrics) == [0, 1]
     assert all(len(read_metrics(m)) == 2 for m in metrics)
+
+
+# Tiny OpenVLA on the toy env's camera: 4 envs x 5 steps per iteration, 2 eval episodes.
+VLA_SMALL = [
+    "policy=openvla_tiny", "env.obs_mode=rgb", "env.image_size=32", "env.num_objects=1", "env.num_envs=4",
+    "algo.rollout_steps=5", "algo.num_minibatches=2", "trainer.eval_episodes=2", "trainer.save_video=false",
+    "logger.progress_bar=false",
+]
+
+
+def test_openvla_sft_warm_start_then_ppo_from_it(ray_local, tmp_path):
+    from rlplat.policies.openvla import load
+
+    cfg = compose([*VLA_SMALL, f"policy.cache_dir={tmp_path / 'cache'}", "trainer.total_steps=2",
+                   "algo.critic_warmup_steps=1", "warm_start.steps=2", "warm_start.algo.rollout_steps=5",
+                   "warm_start.algo.num_minibatches=2"])
+    final = run(cfg, tmp_path / "run")
+    warm = read_metrics(tmp_path / "run/warm_start/metrics.jsonl")
+    assert [r["step"] for r in warm] == [1, 2]
+    assert all(r["train/nll_per_token"] > 0 and r["train/success_rate"] >= 0 for r in warm)
+    assert "eval/success_rate" in warm[-1]
+    # The SFT export carries the demo statistics in OpenVLA's format; PPO started from it.
+    pretrained = tmp_path / "run/warm_start/checkpoints/step_2/policy/pretrained"
+    stats = __import__("json").loads((pretrained / "dataset_statistics.json").read_text())
+    (key,) = stats
+    assert len(stats[key]["action"]["q01"]) == 2 and stats[key]["action"]["mask"] == [True, True]
+    saved = OmegaConf.load(tmp_path / "run/config.yaml")
+    assert saved.policy.init_from is None  # the user's config; the warm start fills it at run time
+    ppo = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [r["step"] for r in ppo] == [1, 2] and "train/value_loss" in ppo[0]
+    assert 0.0 <= final["eval/success_rate"] <= 1.0
+    # The final PPO checkpoint loads with the public loader and keeps the SFT statistics.
+    model, processor, tokenizer, loaded = load(tmp_path / "run")
+    assert loaded == stats and tokenizer.n_bins == 256
+
+
+def test_ppo_without_a_value_head_fails_before_ray_starts(tmp_path):
+    cfg = compose([*VLA_SMALL, "policy.value_head=false", "trainer.total_steps=1"])
+    with pytest.raises(SystemExit, match="policy.value_head=false.*algo=grpo"):
+        run(cfg, tmp_path)
+    no_rollout_steps = [o for o in VLA_SMALL if not o.startswith("algo.rollout_steps")]
+    grpo = compose([*no_rollout_steps, "algo=grpo", "policy.value_head=false", "algo.group_size=2",
+                    "env.max_episode_steps=5"])
+    from rlplat.loops.embodied import check_config
+
+    assert not check_config(grpo).needs_value
