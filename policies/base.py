@@ -56,6 +56,11 @@ class ActionPolicy(nn.Module, abc.ABC):
     #: Whether ``values`` are produced (PPO needs a critic; GRPO does not).
     has_value: bool = True
 
+    @classmethod
+    def preflight(cls, **kwargs: Any) -> None:
+        """Checks, before any worker starts, what a constructor call with ``kwargs`` needs from
+        the machine (weights on disk, ...); raises ValueError/FileNotFoundError naming the fix."""
+
     @abc.abstractmethod
     def act(self, obs: Observation, deterministic: bool = False) -> ActOutput:
         """Samples (or takes the mode of) actions for a batch of observations."""

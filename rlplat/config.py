@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, open_dict
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from rlplat.runtime.cluster import ClusterConfig
 
@@ -241,7 +241,7 @@ class SFTConfig:
     # Name of those statistics (OpenVLA's unnorm_key); null: the env class name in lower case.
     stats_key: str | None = None
     # Minibatches per epoch; num_envs * rollout_steps must divide evenly.
-    num_minibatches: int = 8
+    num_minibatches: int = 50
     # Passes over each batch of demonstrations.
     update_epochs: int = 1
     # Stop the epoch loop once approx KL exceeds this (null: never; unused by SFT).
@@ -301,6 +301,8 @@ class TrainerConfig:
     total_steps: int = 100
     # Evaluate every this many iterations (0: only at the end).
     eval_every: int = 20
+    # Also evaluate before the first update (logged as step 0): the "before" of a fine-tuning run.
+    eval_at_start: bool = False
     # Episodes per evaluation (run in parallel, one per eval env).
     eval_episodes: int = 64
     # Save a checkpoint every this many iterations (0: only at the end).
@@ -353,8 +355,23 @@ class TrainConfig:
     resume: Any = False
 
 
+def package_file(module: str, relative: str) -> str:
+    """Absolute path of ``relative`` inside an installed package (the ``rlplat.resource`` resolver).
+
+    ``${rlplat.resource:rlplat.policies.openvla,assets/toy_sft}`` in a config names files shipped
+    with rlplat (e.g. the quickstart's SFT checkpoint) wherever rlplat is installed.
+    """
+    from importlib.resources import files
+
+    path = files(module).joinpath(relative)
+    if not path.is_dir() and not path.is_file():
+        raise FileNotFoundError(f"{relative!r} is not shipped in package {module} (looked at {path})")
+    return str(path)
+
+
 def register_configs() -> None:
-    """Register every schema with Hydra's ConfigStore (idempotent)."""
+    """Register every schema with Hydra's ConfigStore and rlplat's resolvers (idempotent)."""
+    OmegaConf.register_new_resolver("rlplat.resource", package_file, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="policy", name="mlp_schema", node=MLPPolicyConfig)

@@ -45,7 +45,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         # Before Ray starts, so a bad config fails in seconds.
         algo = check_config(cfg)
         warm_algo = check_config(warm_cfg) if warm_cfg is not None else None
-    except (ValueError, InstantiationException) as err:
+    except (ValueError, FileNotFoundError, InstantiationException) as err:
         raise SystemExit(f"config error: {err}") from None
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))

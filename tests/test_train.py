@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,34 @@ def test_grpo_group_size_mismatch(tmp_path):
 def test_default_config_is_the_quickstart():
     cfg = compose()
     assert cfg.name == "quickstart"
-    assert cfg.algo._target_.endswith("PPO") and cfg.env._target_.endswith("ToyReachEnv")
-    assert cfg.placement.name == "colocated"
-    grpo = compose(["algo=grpo"])
-    assert grpo.algo._target_.endswith("GRPO") and grpo.algo.group_size == 4
+    # GRPO fine-tunes the tiny OpenVLA from the SFT checkpoint shipped with the package.
+    assert cfg.algo._target_.endswith("GRPO") and cfg.env._target_.endswith("ToyReachEnv")
+    assert cfg.policy._target_.endswith("OpenVLAPolicy") and cfg.env.obs_mode == "rgb"
+    assert (Path(cfg.policy.init_from) / "config.json").is_file()
+    assert (Path(cfg.policy.init_from) / "dataset_statistics.json").is_file()
+    assert cfg.trainer.eval_at_start and cfg.placement.name == "colocated"
+    # A group given on the command line wins over the experiment's choice.
+    ppo = compose(["algo=ppo"])
+    assert ppo.algo._target_.endswith("PPO") and ppo.policy._target_.endswith("OpenVLAPolicy")
+    mlp = compose(["experiment=toy_mlp"])
+    assert mlp.name == "toy_mlp" and mlp.algo._target_.endswith("PPO") and mlp.policy._target_.endswith("ActorCritic")
+    assert mlp.env.obs_mode == "state" and mlp.env.num_objects == 3
+
+
+def test_missing_shipped_file_is_named():
+    from rlplat.config import package_file
+
+    with pytest.raises(FileNotFoundError, match="no_such_asset.*rlplat.policies.openvla"):
+        package_file("rlplat.policies.openvla", "assets/no_such_asset")
+
+
+def test_missing_7b_weights_fail_before_ray_naming_where_to_put_them(tmp_path):
+    code, out, _ = _train("policy=openvla_7b", f"policy.path={tmp_path / 'no-weights-here'}", cwd=tmp_path)
+    assert code != 0 and "no-weights-here" in out and "OPENVLA_7B_PATH" in out, out
+    assert "Started a local Ray" not in out
+
+
+def test_missing_init_from_fails_before_ray(tmp_path):
+    code, out, _ = _train(f"policy.init_from={tmp_path / 'nothing'}", cwd=tmp_path)
+    assert code != 0 and "policy.init_from=" in out and "nothing" in out, out
+    assert "Started a local Ray" not in out

@@ -62,7 +62,7 @@ _TINY_BUILD_VERSION = 1
 DOWNLOAD_HINT = (
     "download the weights once on a machine with hub access, e.g. "
     "`huggingface-cli download openvla/openvla-7b --local-dir /data/openvla-7b`, copy the folder "
-    "here and pass policy.path=/data/openvla-7b (a folder with config.json and *.safetensors; "
+    "here and pass policy.path=/data/openvla-7b or export OPENVLA_7B_PATH=/data/openvla-7b (a folder with config.json and *.safetensors; "
     "timm-named Prismatic checkpoints convert with rlplat.policies.openvla.load_openvla_checkpoint)"
 )
 
@@ -365,6 +365,14 @@ class OpenVLAPolicy(ActionPolicy):
         self.norm_stats: dict[str, Any] = dict(stats)
         self.unnorm_key = resolve_unnorm_key(self.norm_stats, unnorm_key) if self.norm_stats else None
         self.eval()
+
+    @classmethod
+    def preflight(cls, **kwargs: Any) -> None:
+        """Fails in seconds when the weights ``path`` / ``init_from`` name are not on this machine."""
+        if kwargs.get("init_from"):
+            resolve_pretrained(kwargs["init_from"])
+        elif kwargs.get("path"):
+            find_model_dir(kwargs["path"])
 
     # ------------------------------------------------------------------ properties
     @property

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rlplat import checkpoint
@@ -45,6 +45,10 @@ def check_config(cfg: DictConfig) -> Algorithm:
     for role in ("env", "rollout", "actor"):
         if role not in roles:
             raise ValueError(f"placement.roles has no {role!r}: add placement.roles.{role}=<devices>")
+    policy_cls = get_class(cfg.policy._target_)
+    if hasattr(policy_cls, "preflight"):
+        policy_cls.preflight(**{k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items()
+                                if k != "_target_"})
     if algo.needs_value and OmegaConf.select(cfg, "policy.value_head") is False:
         raise ValueError(
             f"{type(algo).__name__} trains a critic but policy.value_head=false; set policy.value_head=true "
@@ -87,6 +91,9 @@ class EmbodiedLoop:
         )
         metrics: dict[str, Any] = {}
         try:
+            if start == 0 and tc.eval_at_start:
+                # Step 0: the policy as loaded (e.g. an SFT checkpoint), before any update.
+                logger.log(0, {"env_steps": 0, **self.evaluate()})
             for step in range(start + 1, tc.total_steps + 1):
                 t0 = time.perf_counter()
                 batch, metrics = self.collect_rollout()

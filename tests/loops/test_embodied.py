@@ -18,7 +18,7 @@ from rlplat.train import run
 
 # 8 envs x 10 steps per iteration, 2 minibatches, 4 eval episodes.
 SMALL = [
-    "env.num_envs=8", "algo.rollout_steps=10", "algo.num_minibatches=2", "trainer.eval_episodes=4",
+    "experiment=toy_mlp", "env.num_envs=8", "algo.rollout_steps=10", "algo.num_minibatches=2", "trainer.eval_episodes=4",
     "logger.progress_bar=false", "policy.hidden_sizes=[32,32]",
 ]
 
@@ -148,7 +148,7 @@ def test_multirun_makes_one_run_dir_per_job(tmp_path):
 
 # Tiny OpenVLA on the toy env's camera: 4 envs x 5 steps per iteration, 2 eval episodes.
 VLA_SMALL = [
-    "policy=openvla_tiny", "env.obs_mode=rgb", "env.image_size=32", "env.num_objects=1", "env.num_envs=4",
+    "experiment=vla_toy_sft", "algo=ppo", "policy.value_head=true", "env.num_envs=4",
     "algo.rollout_steps=5", "algo.num_minibatches=2", "trainer.eval_episodes=2", "trainer.save_video=false",
     "logger.progress_bar=false",
 ]
@@ -190,3 +190,12 @@ def test_ppo_without_a_value_head_fails_before_ray_starts(tmp_path):
     from rlplat.loops.embodied import check_config
 
     assert not check_config(grpo).needs_value
+
+
+def test_eval_at_start_logs_the_loaded_policy_as_step_0(ray_local, tmp_path):
+    cfg = compose([*SMALL, "trainer.total_steps=1", "trainer.eval_at_start=true", "trainer.save_video=false"])
+    run(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["env_steps"] == 0 and 0.0 <= rows[0]["eval/success_rate"] <= 1.0
+    assert "train/loss" not in rows[0] and "eval/success_rate" in rows[1]
