@@ -23,10 +23,10 @@ from rlplat.config import compose
 from rlplat.logging import METRICS_FILE, read_metrics
 from rlplat.train import run
 
-# Per-algorithm overrides on top of the quickstart preset.
+# Per-algorithm overrides on top of the state-MLP preset.
 ALGO_OVERRIDES = {
-    "ppo": ["algo=ppo", "trainer.total_steps=60", "trainer.eval_every=10"],
-    "grpo": ["algo=grpo", "trainer.total_steps=150", "trainer.eval_every=10"],
+    "ppo": ["experiment=toy_mlp", "algo=ppo", "trainer.total_steps=60", "trainer.eval_every=10"],
+    "grpo": ["experiment=toy_mlp", "algo=grpo", "trainer.total_steps=150", "trainer.eval_every=10"],
 }
 
 
