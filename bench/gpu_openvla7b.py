@@ -31,8 +31,6 @@ from rlplat.algos.losses import ppo_policy_loss, value_loss
 from rlplat.policies.openvla.modeling import OpenVLAForActionPrediction, instantiate_on, openvla_7b_config
 from rlplat.policies.openvla.policy import ensure_tiny, find_model_dir, load
 
-INSTRUCTION = "In: What action should the robot take to pick up the red block and place it in the bowl?\nOut:"
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -76,8 +74,7 @@ def make_inputs(model: OpenVLAForActionPrediction, processor: Any, batch: int, d
         side = config.image_sizes[0] if getattr(config, "image_sizes", None) else 224
         side = getattr(config.siglip_config, "image_size", side)
         images = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
-        words = "pick up the red block and place it in the bowl".split()
-        inputs = processor(images, [" ".join(words)] * batch)
+        inputs = processor(images, ["pick up the red block and place it in the bowl"] * batch)
         return {k: v.to(device) for k, v in inputs.items()}
     # No tokenizer files with random weights: token ids of the prompt's length (Llama-2's
     # tokenizer gives ~25 ids for it), BOS first; pixels for both fused towers.

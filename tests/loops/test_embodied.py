@@ -1,5 +1,6 @@
 """End-to-end runs of the controller loop on a local CPU Ray, at small sizes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -167,7 +169,7 @@ def test_openvla_sft_warm_start_then_ppo_from_it(ray_local, tmp_path):
     assert "eval/success_rate" in warm[-1]
     # The SFT export carries the demo statistics in OpenVLA's format; PPO started from it.
     pretrained = tmp_path / "run/warm_start/checkpoints/step_2/policy/pretrained"
-    stats = __import__("json").loads((pretrained / "dataset_statistics.json").read_text())
+    stats = json.loads((pretrained / "dataset_statistics.json").read_text())
     (key,) = stats
     assert len(stats[key]["action"]["q01"]) == 2 and stats[key]["action"]["mask"] == [True, True]
     saved = OmegaConf.load(tmp_path / "run/config.yaml")
@@ -178,6 +180,10 @@ def test_openvla_sft_warm_start_then_ppo_from_it(ray_local, tmp_path):
     # The final PPO checkpoint loads with the public loader and keeps the SFT statistics.
     model, processor, tokenizer, loaded = load(tmp_path / "run")
     assert loaded == stats and tokenizer.n_bins == 256
+    inputs = processor(np.zeros((1, 32, 32, 3), np.uint8), ["reach the red square"])
+    tokens, _ = model.generate_actions(**inputs, action_tokenizer=tokenizer)
+    low, high = tokenizer.action_token_range
+    assert tokens.shape == (1, 2) and bool(((tokens >= low) & (tokens <= high)).all())
 
 
 def test_ppo_without_a_value_head_fails_before_ray_starts(tmp_path):
