@@ -1,0 +1,5 @@
+"""Diffusion policy family: text-to-image UNets (diffusers) with per-step log-probabilities."""
+
+from rlplat.policies.diffusion.logprob import ddim_step_with_logprob
+
+__all__ = ["ddim_step_with_logprob"]

@@ -1,0 +1,80 @@
+"""ddim_step_with_logprob against an independent Gaussian built from the scheduler's own step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from rlplat.policies.diffusion import ddim_step_with_logprob
+
+
+def make_scheduler(**kw) -> DDIMScheduler:
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
+    scheduler.set_timesteps(20)
+    return scheduler
+
+
+def reference(scheduler: DDIMScheduler, out: torch.Tensor, t: int, x: torch.Tensor, eta: float, x_prev: torch.Tensor):
+    """log N(x_prev; mu, sigma^2) with mu from scheduler.step without noise, sigma from its variance."""
+    mean = scheduler.step(out, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    std = eta * scheduler._get_variance(t, prev_t) ** 0.5
+    return torch.distributions.Normal(mean.double(), float(std)).log_prob(x_prev.double())
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_logprob_matches_the_scheduler_gaussian(eta, prediction_type):
+    scheduler = make_scheduler(prediction_type=prediction_type)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 8)
+    out = torch.randn(3, 4, 8, 8)
+    for t in (int(scheduler.timesteps[0]), int(scheduler.timesteps[10]), int(scheduler.timesteps[-1])):
+        x_prev, logp = ddim_step_with_logprob(scheduler, out, t, x, eta, generator=torch.Generator().manual_seed(1))
+        # The draw is scheduler.step's draw for the same generator.
+        stepped = scheduler.step(out, t, x, eta=eta, generator=torch.Generator().manual_seed(1)).prev_sample
+        torch.testing.assert_close(x_prev, stepped, rtol=1e-5, atol=1e-5)
+        ref = reference(scheduler, out, t, x, eta, x_prev)
+        torch.testing.assert_close(logp.double(), ref.mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-4)
+        _, logp_sum = ddim_step_with_logprob(scheduler, out, t, x, eta, prev_sample=x_prev, reduction="sum")
+        torch.testing.assert_close(logp_sum.double(), ref.sum(dim=(1, 2, 3)), rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(logp_sum, logp * x[0].numel(), rtol=1e-4, atol=1e-2)
+
+
+def test_scoring_a_given_sample_and_per_row_timesteps():
+    scheduler = make_scheduler()
+    torch.manual_seed(2)
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    ts = scheduler.timesteps[[2, 15]]
+    x_prev, logp = ddim_step_with_logprob(scheduler, out, ts, x, 1.0, generator=torch.Generator().manual_seed(0))
+    for i in range(2):
+        _, row = ddim_step_with_logprob(scheduler, out[i : i + 1], int(ts[i]), x[i : i + 1], 1.0,
+                                        prev_sample=x_prev[i : i + 1])
+        torch.testing.assert_close(row, logp[i : i + 1], rtol=1e-5, atol=1e-5)
+    # A sample far from the mean is less likely; gradients flow to the model output only.
+    out.requires_grad_(True)
+    _, near = ddim_step_with_logprob(scheduler, out, ts, x, 1.0, prev_sample=x_prev)
+    _, far = ddim_step_with_logprob(scheduler, out, ts, x, 1.0, prev_sample=x_prev + 3.0)
+    assert bool((far < near).all())
+    near.sum().backward()
+    assert out.grad is not None and out.grad.abs().sum() > 0
+
+
+def test_eta_zero_and_bad_arguments_are_refused():
+    scheduler = make_scheduler()
+    x = torch.zeros(1, 1, 2, 2)
+    t = int(scheduler.timesteps[0])
+    with pytest.raises(ValueError, match="eta=0.*no log-probability"):
+        ddim_step_with_logprob(scheduler, x, t, x, 0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        ddim_step_with_logprob(scheduler, x, t, x, 1.0, reduction="max")
+    # Without steps_offset the last step (t = 0 -> final alpha = alpha_0) has zero variance.
+    flat = DDIMScheduler(set_alpha_to_one=False, steps_offset=0)
+    flat.set_timesteps(10)
+    with pytest.raises(ValueError, match="zero DDIM variance.*steps_offset=1"):
+        ddim_step_with_logprob(flat, x, int(flat.timesteps[-1]), x, 1.0)
+    fresh = DDIMScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        ddim_step_with_logprob(fresh, x, t, x, 1.0)
