@@ -1,0 +1,180 @@
+"""A captioned world of coloured shapes: procedural images, captions, and a fidelity score.
+
+The tiny text-to-image model learns this world on a CPU (``algo=diffusion_sft``), then preference
+tuning improves how well its samples follow prompts. Every image is N same-coloured shapes of
+one kind on a white background; its caption names them: "a red circle", "two blue squares",
+"three green triangles" (optionally "... on a white background").
+
+``ShapesFidelity`` scores an image against a caption from the pixels alone (no learned model):
+colour = share of foreground pixels nearest the named colour, count = whether the number of
+connected blobs equals the named count, shape = share of blobs whose fill ratio (area over
+bounding-box area: square ~1, circle ~0.79, triangle ~0.5) fits the named shape; the score is
+their mean in [0, 1].
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rlplat.envs.preference.proxy import ScoreSource
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+BACKGROUND = (255, 255, 255)
+# Fill ratio (area / bounding-box area) of each shape when drawn, and the ranges that classify a blob.
+FILL_RANGES = {"triangle": (0.0, 0.64), "circle": (0.64, 0.9), "square": (0.9, 1.01)}
+# Pixels closer than this (RGB distance) to white are background.
+_BACKGROUND_DIST = 90.0
+# Blobs smaller than this many pixels are noise, not shapes.
+_MIN_BLOB = 4
+_CAPTION = re.compile(r"^(a|an|one|two|three) (\w+) (circle|square|triangle)s?( on a white background)?$")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What an image shows: ``count`` shapes of one ``shape`` in one ``color``."""
+
+    count: int
+    color: str
+    shape: str
+
+    def caption(self, background: bool = False) -> str:
+        noun = self.shape if self.count == 1 else self.shape + "s"
+        text = f"{COUNT_WORDS[self.count]} {self.color} {noun}"
+        return text + " on a white background" if background else text
+
+
+def parse_caption(caption: str) -> ShapeSpec:
+    """The spec a caption names; ValueError naming the caption when it is outside the world."""
+    match = _CAPTION.match(caption.strip().lower())
+    if not match or match.group(2) not in COLORS:
+        raise ValueError(
+            f"caption {caption!r} is not in the shapes world: expected '<a|two|three> <colour> <shape>[s]' with "
+            f"colour in {sorted(COLORS)} and shape in {list(SHAPES)}"
+        )
+    count = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}[match.group(1)]
+    return ShapeSpec(count, match.group(2), match.group(3))
+
+
+def all_specs() -> list[ShapeSpec]:
+    """Every spec of the world (3 counts x 6 colours x 3 shapes = 54)."""
+    return [ShapeSpec(n, c, s) for n in COUNT_WORDS for c in COLORS for s in SHAPES]
+
+
+def _mask(shape: str, side: int) -> np.ndarray:
+    """Boolean [side, side] footprint of one shape filling its box."""
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    if shape == "square":
+        return np.ones((side, side), bool)
+    if shape == "circle":
+        r = side / 2
+        return (xx - r) ** 2 + (yy - r) ** 2 <= r * r
+    # Upward triangle: apex at the top centre, base along the bottom row.
+    half_width = xx - side / 2
+    return np.abs(half_width) <= yy / 2
+
+
+def render(spec: ShapeSpec, size: int = 32, rng: np.random.Generator | None = None) -> np.ndarray:
+    """uint8 [size, size, 3]: ``spec.count`` non-overlapping shapes at random places and sizes."""
+    rng = rng or np.random.default_rng()
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = BACKGROUND
+    taken = np.zeros((size, size), bool)
+    lo, hi = max(4, size // 6), max(5, size // 3)
+    placed = 0
+    for _ in range(200):
+        if placed == spec.count:
+            break
+        side = int(rng.integers(lo, hi + 1))
+        y, x = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        # One pixel of margin so blobs never touch (they must count as separate shapes).
+        y0, x0, y1, x1 = max(0, y - 1), max(0, x - 1), min(size, y + side + 1), min(size, x + side + 1)
+        if taken[y0:y1, x0:x1].any():
+            continue
+        mask = _mask(spec.shape, side)
+        image[y : y + side, x : x + side][mask] = COLORS[spec.color]
+        taken[y : y + side, x : x + side] = True
+        placed += 1
+    if placed != spec.count:
+        raise RuntimeError(f"could not place {spec.count} shapes in a {size}px image; use a larger size")
+    return image
+
+
+def sample_dataset(n: int, size: int = 32, seed: int = 0, background_prob: float = 0.5) -> tuple[np.ndarray, list[str]]:
+    """``n`` random (image uint8 [n, size, size, 3], caption) pairs, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    specs = all_specs()
+    images, captions = [], []
+    for i in rng.integers(0, len(specs), n):
+        spec = specs[int(i)]
+        images.append(render(spec, size, rng))
+        captions.append(spec.caption(background=bool(rng.random() < background_prob)))
+    return np.stack(images), captions
+
+
+def _blobs(foreground: np.ndarray) -> list[np.ndarray]:
+    """Connected components (4-neighbour) of a boolean mask, as arrays of (y, x) pixels."""
+    seen = np.zeros_like(foreground)
+    height, width = foreground.shape
+    blobs = []
+    for y, x in zip(*np.nonzero(foreground)):
+        if seen[y, x]:
+            continue
+        stack, pixels = [(y, x)], []
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            pixels.append((cy, cx))
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < height and 0 <= nx < width and foreground[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(pixels) >= _MIN_BLOB:
+            blobs.append(np.asarray(pixels))
+    return blobs
+
+
+def _fill_ratio(pixels: np.ndarray) -> float:
+    height = pixels[:, 0].max() - pixels[:, 0].min() + 1
+    width = pixels[:, 1].max() - pixels[:, 1].min() + 1
+    return len(pixels) / float(height * width)
+
+
+def fidelity_parts(image: np.ndarray, spec: ShapeSpec) -> dict[str, float]:
+    """Colour, count and shape agreement of one uint8 image [H, W, 3] with ``spec`` (each in [0, 1])."""
+    pixels = image.astype(np.float32)
+    foreground = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1) > _BACKGROUND_DIST
+    blobs = _blobs(foreground)
+    if not blobs:
+        return {"color": 0.0, "count": 0.0, "shape": 0.0}
+    palette = np.asarray(list(COLORS.values()), np.float32)
+    nearest = np.argmin(np.linalg.norm(pixels[foreground][:, None] - palette[None], axis=-1), axis=1)
+    color = float(np.mean(nearest == list(COLORS).index(spec.color)))
+    low, high = FILL_RANGES[spec.shape]
+    shape = float(np.mean([low <= _fill_ratio(b) < high for b in blobs]))
+    return {"color": color, "count": float(len(blobs) == spec.count), "shape": shape}
+
+
+class ShapesFidelity(ScoreSource):
+    """Programmatic prompt fidelity in [0, 1]: mean of colour, count and shape agreement."""
+
+    name = "shapes_fidelity"
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        out = []
+        for image, prompt in zip(images, prompts):
+            parts = fidelity_parts(image, parse_caption(prompt))
+            out.append((parts["color"] + parts["count"] + parts["shape"]) / 3.0)
+        return np.asarray(out, np.float32)
