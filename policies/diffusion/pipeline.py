@@ -1,0 +1,341 @@
+"""Text-to-image policy over diffusers parts: UNet, DDIM scheduler, text encoder, VAE or pixels.
+
+A folder in diffusers' layout holds the parts: ``unet/``, ``scheduler/``, ``text_encoder/``,
+``tokenizer/`` and, for latent models such as Stable Diffusion 1.5, ``vae/``. Without ``vae/``
+the model works in pixel space folded by ``pixel_unshuffle`` (factor f: a 3 x H x W image is a
+3f^2 x H/f x W/f "latent"), which is what the tiny preset uses so it trains on a CPU.
+
+``sample_trajectory`` runs DDIM with classifier-free guidance and eta > 0 and records every
+step (latents before and after, timestep, log-prob) into a ``Batch``; ``step_logprob`` rescores
+recorded steps under the current weights (with gradients), which is what DDPO and D3PO train on.
+The tiny preset is built once with random weights, saved with ``save_pretrained`` and always
+loaded with ``from_pretrained``; its text encoder is a small CLIP text transformer that stays
+frozen (fixed word embeddings; only the UNet learns) with a local word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rlplat.batch import Batch
+from rlplat.policies.base import DiffusionPolicy
+from rlplat.policies.diffusion.logprob import ddim_step_with_logprob
+
+_TINY_BUILD_VERSION = 1
+# Words of the tiny tokenizer: the shapes world's captions (envs/preference/shapes.py) and a few more.
+_TINY_WORDS = ["a", "an", "one", "two", "three", "four", "red", "green", "blue", "yellow", "purple", "orange", "pink", "white", "black", "gray", "brown", "cyan", "circle", "circles", "square", "squares", "triangle", "triangles", "on", "background", "of", "and", "the", "with", "image", "photo"]
+SD15_HINT = (
+    "download it once on a machine with hub access (e.g. `huggingface-cli download "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /data/sd15 --include '*.json' '*.txt' "
+    "'*.safetensors'`), copy the folder here and pass policy.path=/data/sd15 or export SD15_PATH=/data/sd15"
+)
+
+
+def build_tiny_tokenizer(save_dir: str | os.PathLike, max_length: int = 16):
+    """A word-level tokenizer over ``_TINY_WORDS`` (pad/bos/eos/unk first), saved and reloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate([*specials, *dict.fromkeys(_TINY_WORDS)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=max_length, padding_side="right")
+    fast.save_pretrained(save_dir)
+    return PreTrainedTokenizerFast.from_pretrained(save_dir)
+
+
+def build_tiny_diffusion(
+    save_dir: str | os.PathLike,
+    image_size: int = 32,
+    fold: int = 2,
+    block_out_channels: Sequence[int] = (64, 128),
+    text_hidden_size: int = 32,
+    num_train_timesteps: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Writes a random tiny text-to-image model in diffusers' folder layout; returns the folder."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if image_size % fold:
+        raise ValueError(f"image_size={image_size} must be a multiple of fold={fold}")
+    save_dir = Path(save_dir)
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer(save_dir / "tokenizer")
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
+        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    text.save_pretrained(save_dir / "text_encoder")
+    channels = 3 * fold * fold
+    unet = UNet2DConditionModel(
+        sample_size=image_size // fold, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=tuple(block_out_channels), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=text_hidden_size,
+        attention_head_dim=8, norm_num_groups=min(32, block_out_channels[0] // 2),
+    )
+    unet.save_pretrained(save_dir / "unet")
+    # SD1.5's scheduler settings (scaled-linear betas, steps_offset 1), epsilon prediction.
+    DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear", beta_start=0.00085,
+                  beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(
+        save_dir / "scheduler")
+    (save_dir / "model_index.json").write_text(json.dumps({"_class_name": "rlplat.TinyTextToImage", "fold": fold}))
+    return save_dir
+
+
+def ensure_tiny(cache_dir: str | os.PathLike | None, **build_args: Any) -> Path:
+    """The tiny preset's cache folder for ``build_args``, built there on first use (atomic rename)."""
+    root = Path(cache_dir or os.environ.get("RLPLAT_CACHE_DIR") or Path(tempfile.gettempdir()) / "rlplat-cache")
+    digest = hashlib.sha1(json.dumps({"v": _TINY_BUILD_VERSION, **build_args}, sort_keys=True,
+                                     default=list).encode()).hexdigest()[:12]
+    target = root / f"diffusion_tiny-{digest}"
+    if (target / "unet" / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root))
+    try:
+        build_tiny_diffusion(tmp, **build_args)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "unet" / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def find_diffusion_dir(path: str | os.PathLike) -> Path:
+    """A local folder with ``unet/`` and ``scheduler/``; FileNotFoundError naming where to put it."""
+    folder = Path(path).expanduser()
+    missing = [p for p in ("unet/config.json", "scheduler/scheduler_config.json") if not (folder / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"policy.path={str(path)!r} is not a local diffusers model folder (missing {missing}): "
+                                f"{SD15_HINT}")
+    return folder
+
+
+class TextToImagePolicy(DiffusionPolicy):
+    """DDIM text-to-image sampler with per-step log-probs (the diffusion ``policy``).
+
+    Args:
+        path: Local diffusers-layout folder (e.g. SD1.5); null builds/loads the tiny preset.
+        tiny: Build arguments of the tiny preset (``image_size``, ``fold``, ``block_out_channels``...).
+        cache_dir: Where the tiny preset is cached (null: ``$RLPLAT_CACHE_DIR`` or the temp dir).
+        dtype: float32, bfloat16 or float16 for the UNet, text encoder and VAE.
+        device: auto (cuda when available), cpu or cuda[:i].
+        lora: ``r`` (0: train the whole UNet), ``alpha``, ``dropout``, ``target_modules`` (default:
+            the UNet attention projections to_q/to_k/to_v/to_out.0).
+        num_steps: DDIM steps per sample.
+        guidance_scale: Classifier-free guidance weight (1: no guidance, one UNet pass per step).
+        eta: DDIM noise scale (> 0 for log-probs).
+        reduction: "mean" or "sum" of the per-element log-density (ddim_step_with_logprob).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | None = None,
+        tiny: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
+        dtype: str = "float32",
+        device: str = "auto",
+        lora: Mapping[str, Any] | None = None,
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        eta: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise ValueError(f"policy.dtype={dtype!r} is not one of {sorted(dtypes)}")
+        if not eta > 0:
+            raise ValueError(f"policy.eta={eta} must be > 0: a deterministic DDIM step has no log-probability")
+        if num_steps < 1:
+            raise ValueError(f"policy.num_steps={num_steps} must be >= 1")
+        folder = find_diffusion_dir(path) if path else ensure_tiny(cache_dir, **dict(tiny or {}))
+        self.source = folder
+        self._device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        torch_dtype = dtypes[dtype]
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype)
+        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch_dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        self.scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype) if (folder / "vae").is_dir() else None
+        if self.vae is None:
+            self.fold = round((self.unet.config.in_channels // 3) ** 0.5)
+            if 3 * self.fold**2 != self.unet.config.in_channels:
+                raise ValueError(f"{folder}: a pixel-space UNet needs 3 f^2 input channels, got {self.unet.config.in_channels}")
+        else:
+            self.fold = 1
+            self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.lora_rank = int((lora or {}).get("r", 0))
+        if self.lora_rank > 0:
+            from peft import LoraConfig
+
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(LoraConfig(
+                r=self.lora_rank, lora_alpha=int(lora.get("alpha") or self.lora_rank),
+                lora_dropout=float(lora.get("dropout", 0.0)),
+                target_modules=list(lora.get("target_modules") or ["to_q", "to_k", "to_v", "to_out.0"]),
+            ))
+        self.num_steps = int(num_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.eta = float(eta)
+        self.reduction = reduction
+        self.scheduler.set_timesteps(self.num_steps)
+        self.to(self._device)
+        self.eval()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def reference_is_builtin(self) -> bool:
+        """The reference model is the UNet with its LoRA adapter disabled (no second copy)."""
+        return self.lora_rank > 0
+
+    def adapter_disabled(self):
+        """Context manager: the block runs the base UNet (needs LoRA)."""
+        if self.lora_rank <= 0:
+            raise RuntimeError("adapter_disabled() needs policy.lora.r > 0 (there is no adapter to disable)")
+        return _AdapterOff(self.unet)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states [B, L, D] (padded to the tokenizer's max length)."""
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_encoder(input_ids=ids.input_ids.to(self._device)).last_hidden_state
+
+    def images_to_latents(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] images -> latents [B, C, h, w] (the diffusion space)."""
+        x = torch.as_tensor(np.asarray(images), device=self._device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        if self.vae is None:
+            return F.pixel_unshuffle(x, self.fold).to(self.unet.dtype)
+        with torch.no_grad():
+            dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
+        return dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def latents_to_images(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents [B, C, h, w] -> uint8 images [B, H, W, 3]."""
+        if self.vae is None:
+            x = F.pixel_shuffle(latents.float(), self.fold)
+        else:
+            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def predict_noise(self, latents: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor | None,
+                      guidance_scale: float) -> torch.Tensor:
+        """The UNet's (guided) prediction; ``uncond`` None or guidance 1 means one conditional pass."""
+        if uncond is None or guidance_scale == 1.0:
+            return self.unet(latents, t, encoder_hidden_states=cond).sample
+        t = torch.as_tensor(t, device=latents.device)
+        both = self.unet(torch.cat([latents, latents]), torch.cat([t, t]) if t.ndim else t,
+                         encoder_hidden_states=torch.cat([uncond, cond])).sample
+        out_uncond, out_cond = both.chunk(2)
+        return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+    # ------------------------------------------------------------------ DiffusionPolicy
+    @torch.no_grad()
+    def sample_trajectory(
+        self, prompts: Sequence[str], generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+    ) -> Batch:
+        """Samples images for ``prompts`` and records the DDIM trajectory.
+
+        Returns a Batch of B rows: ``latents`` [B, T, C, h, w] (x_t before each step),
+        ``next_latents`` [B, T, C, h, w] (x_{t-1}), ``timesteps`` [B, T], ``log_probs`` [B, T],
+        ``images`` uint8 [B, H, W, 3] and ``prompts`` (extras). ``latents`` given: start from
+        that x_T (e.g. shared by the two samples of a D3PO pair).
+        """
+        g = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * len(prompts)) if g != 1.0 else None
+        if latents is None:
+            latents = torch.randn((len(prompts), *self.latent_shape), generator=generator,
+                                  device=torch.device("cpu")).to(self._device, self.unet.dtype)
+        x = latents * self.scheduler.init_noise_sigma
+        before, after, logps = [], [], []
+        for t in self.scheduler.timesteps:
+            noise = self.predict_noise(x, t, cond, uncond, g)
+            x_prev, logp = ddim_step_with_logprob(self.scheduler, noise, t, x, self.eta, generator=generator,
+                                                  reduction=self.reduction)
+            before.append(x)
+            after.append(x_prev)
+            logps.append(logp)
+            x = x_prev
+        steps = len(self.scheduler.timesteps)
+        return Batch(
+            {
+                "latents": torch.stack(before, 1).cpu(), "next_latents": torch.stack(after, 1).cpu(),
+                "timesteps": self.scheduler.timesteps.reshape(1, steps).expand(len(prompts), steps).clone(),
+                "log_probs": torch.stack(logps, 1).cpu(), "images": torch.as_tensor(self.latents_to_images(x)),
+            },
+            extras={"prompts": list(prompts)},
+            meta={"guidance_scale": g, "eta": self.eta, "reduction": self.reduction},
+        )
+
+    def sample(self, prompts: Sequence[str], generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        traj = self.sample_trajectory(prompts, generator)
+        images = traj["images"].permute(0, 3, 1, 2).float() / 255.0
+        latents = torch.cat([traj["latents"], traj["next_latents"][:, -1:]], dim=1)
+        return images, latents, traj["log_probs"]
+
+    def step_logprob(self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
+                     ) -> torch.Tensor:
+        """log p(latents_prev | latents_t) [B] under the current weights, with gradients.
+
+        ``cond``: the prompts (a list of strings) or a dict with ``prompts`` and optionally
+        ``guidance_scale`` (default: the policy's).
+        """
+        if isinstance(cond, Mapping):
+            prompts, g = cond["prompts"], float(cond.get("guidance_scale", self.guidance_scale))
+        else:
+            prompts, g = cond, self.guidance_scale
+        text = self.encode_prompts(list(prompts))
+        uncond = self.encode_prompts([""] * len(prompts)) if g != 1.0 else None
+        x = latents_t.to(self._device, self.unet.dtype)
+        t = torch.as_tensor(t, device=self._device)
+        noise = self.predict_noise(x, t, text, uncond, g)
+        _, logp = ddim_step_with_logprob(self.scheduler, noise, t, x, self.eta, prev_sample=latents_prev.to(x),
+                                         reduction=self.reduction)
+        return logp
+
+
+class _AdapterOff:
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+
+    def __enter__(self) -> None:
+        self.unet.disable_adapters()
+
+    def __exit__(self, *exc: object) -> None:
+        self.unet.enable_adapters()
