@@ -9,8 +9,15 @@ reference its gradient stops (the clip acts like PPO's trust region).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rlplat.batch import Batch
+from rlplat.envs.preference.proxy import preference_labels
 
 
 def d3po_loss(
@@ -42,3 +49,80 @@ def d3po_loss(
     rho_w = torch.exp(logp_w - ref_logp_w.detach()).clamp(lo, hi)
     rho_l = torch.exp(logp_l - ref_logp_l.detach()).clamp(lo, hi)
     return -F.logsigmoid(beta * (torch.log(rho_w) - torch.log(rho_l)))
+
+
+# --------------------------------------------------------------------------- pairs and update
+
+
+def sample_pairs(policy: Any, prompts: Sequence[str], generator: torch.Generator | None = None
+                 ) -> tuple[Batch, Batch]:
+    """Two trajectories per prompt that share the initial noise x_T (D3PO's pairing)."""
+    x_T = torch.randn((len(prompts), *policy.latent_shape), generator=generator)
+    first = policy.sample_trajectory(prompts, generator=generator, latents=x_T)
+    second = policy.sample_trajectory(prompts, generator=generator, latents=x_T)
+    return first, second
+
+
+def label_pairs(
+    first: Batch, second: Batch, source: Any, tie_margin: float = 0.0, ties: str = "drop",
+    rng: np.random.Generator | None = None,
+) -> tuple[Batch, dict[str, float]]:
+    """Scores both samples with ``source`` and orders each pair as (preferred w, other l).
+
+    Returns the kept pairs as one Batch (``w_latents``, ``w_next_latents``, ``l_latents``,
+    ``l_next_latents``, ``timesteps``, ``w_log_probs``, ``l_log_probs``, ``prompts``) and
+    metrics: mean scores of both samples, kept fraction.
+    """
+    prompts = list(first["prompts"])
+    score_a = source(first["images"].numpy(), prompts)
+    score_b = source(second["images"].numpy(), prompts)
+    a_preferred, keep = preference_labels(score_a, score_b, tie_margin, ties, rng)
+    pick = torch.as_tensor(a_preferred)
+    rows = torch.as_tensor(np.flatnonzero(keep))
+
+    def order(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = first[key], second[key]
+        shape = (-1,) + (1,) * (a.ndim - 1)
+        w = torch.where(pick.reshape(shape), a, b)
+        l_ = torch.where(pick.reshape(shape), b, a)
+        return w[rows], l_[rows]
+
+    fields: dict[str, torch.Tensor] = {"timesteps": first["timesteps"][rows]}
+    for key, name in (("latents", "latents"), ("next_latents", "next_latents"), ("log_probs", "log_probs")):
+        fields[f"w_{name}"], fields[f"l_{name}"] = order(key)
+    kept = Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
+    metrics = {"reward/mean": float(np.concatenate([score_a, score_b]).mean()),
+               "reward/std": float(np.concatenate([score_a, score_b]).std()),
+               "pairs/kept_fraction": float(keep.mean())}
+    return kept, metrics
+
+
+def d3po_step_loss(
+    policy: Any, pairs: Batch, step: int, beta: float = 0.1, clip_eps: float = 0.1, reference: str = "adapter",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean D3PO loss of denoising step ``step`` over ``pairs`` (with gradients).
+
+    ``reference``: "adapter" scores the reference with the policy's LoRA adapter disabled (the
+    pretrained model, as in D3PO); "sampled" uses the log-probs recorded at sampling time.
+    """
+    prompts = list(pairs["prompts"])
+    t = pairs["timesteps"][:, step]
+    logp_w = policy.step_logprob(pairs["w_latents"][:, step], pairs["w_next_latents"][:, step], t, prompts)
+    logp_l = policy.step_logprob(pairs["l_latents"][:, step], pairs["l_next_latents"][:, step], t, prompts)
+    if reference == "adapter":
+        with torch.no_grad(), policy.adapter_disabled():
+            ref_w = policy.step_logprob(pairs["w_latents"][:, step], pairs["w_next_latents"][:, step], t, prompts)
+            ref_l = policy.step_logprob(pairs["l_latents"][:, step], pairs["l_next_latents"][:, step], t, prompts)
+    elif reference == "sampled":
+        ref_w, ref_l = pairs["w_log_probs"][:, step].to(logp_w), pairs["l_log_probs"][:, step].to(logp_l)
+    else:
+        raise ValueError(f"reference={reference!r} must be 'adapter' or 'sampled'")
+    loss = d3po_loss(logp_w, ref_w, logp_l, ref_l, beta, clip_eps)
+    with torch.no_grad():
+        log_ratio_w, log_ratio_l = logp_w - ref_w, logp_l - ref_l
+        metrics = {
+            "implicit_acc": (log_ratio_w > log_ratio_l).float().mean(),
+            "clipfrac": ((log_ratio_w.exp() - 1).abs() > clip_eps).float().mean(),
+            "kl": 0.5 * ((log_ratio_w**2).mean() + (log_ratio_l**2).mean()),
+        }
+    return loss.mean(), metrics
