@@ -1,0 +1,54 @@
+"""Supervised (pre)training of a text-to-image diffusion model: the standard denoising loss.
+
+For clean latents x0 (images through the VAE, or pixel-folded), noise eps ~ N(0, I) and a
+uniform training timestep t, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (the scheduler's
+``add_noise``); the UNet regresses eps (or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 for
+v-prediction) from (x_t, t, prompt). A fraction ``cond_dropout`` of prompts is replaced by the
+empty prompt so the same model also predicts unconditionally (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def denoising_loss(
+    policy: Any,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    generator: torch.Generator | None = None,
+    cond_dropout: float = 0.1,
+) -> torch.Tensor:
+    """Mean squared error of the UNet's prediction on noised ``images`` (uint8 [B, H, W, 3]).
+
+    ``policy`` is a ``TextToImagePolicy`` (``images_to_latents``, ``encode_prompts``, ``unet``,
+    ``scheduler``). ``generator`` draws the noise, timesteps and prompt dropout (CPU).
+    """
+    if not 0.0 <= cond_dropout < 1.0:
+        raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1)")
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    x0 = policy.images_to_latents(images)
+    device = x0.device
+    scheduler = policy.scheduler
+    noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator).to(device)
+    dropped = torch.rand(len(prompts), generator=generator) < cond_dropout
+    text = [("" if drop else p) for p, drop in zip(prompts, dropped.tolist())]
+    x_t = scheduler.add_noise(x0, noise, t)
+    pred = policy.unet(x_t, t, encoder_hidden_states=policy.encode_prompts(text)).sample
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
+    else:
+        raise ValueError(f"prediction_type={kind!r} must be epsilon, v_prediction or sample")
+    return F.mse_loss(pred.float(), target.float())
