@@ -1,0 +1,87 @@
+"""DDPO and GRPO for diffusion: policy gradients on the denoising steps of sampled images.
+
+DDPO (Black et al. 2023): each image's reward becomes an advantage, normalised per prompt by a
+running ``PerPromptStatTracker`` (global statistics until a prompt has ``min_count`` scores),
+clipped to +-``adv_clip_max``, and every denoising step of the image gets a PPO-clip update on
+its step ratio ``exp(logp - old_logp)``. With "mean"-reduced log-probs the ratios stay close to
+1, so the clip range is tiny (1e-4, DDPO's default). GRPO for diffusion replaces the tracker by
+group-normalised advantages over the G images sampled for the same prompt
+(``rlplat.algos.advantages.group_normalized_advantages``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlplat.algos.losses import ppo_policy_loss
+from rlplat.batch import Batch
+
+
+class PerPromptStatTracker:
+    """Running per-prompt reward statistics (DDPO's stat tracking).
+
+    Args:
+        buffer_size: Scores kept per prompt (the oldest are dropped).
+        min_count: A prompt with fewer scores is normalised with the batch's global statistics.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16) -> None:
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"buffer_size={buffer_size} and min_count={min_count} must be >= 1")
+        self.buffer_size = int(buffer_size)
+        self.min_count = int(min_count)
+        self.buffers: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=self.buffer_size))
+
+    def update(self, prompts: Sequence[str], rewards: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+        """Adds the scores, then returns advantages (r - mean) / (std + eps) per row [B]."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if len(prompts) != len(rewards):
+            raise ValueError(f"got {len(rewards)} rewards but {len(prompts)} prompts")
+        advantages = np.empty_like(rewards)
+        global_mean, global_std = rewards.mean(), rewards.std()
+        for prompt in dict.fromkeys(prompts):
+            rows = np.array([p == prompt for p in prompts])
+            self.buffers[prompt].extend(rewards[rows].tolist())
+            history = np.asarray(self.buffers[prompt])
+            mean, std = (history.mean(), history.std()) if len(history) >= self.min_count else (global_mean, global_std)
+            advantages[rows] = (rewards[rows] - mean) / (std + eps)
+        return advantages
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {prompt: list(buffer) for prompt, buffer in self.buffers.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.buffers.clear()
+        for prompt, values in state.items():
+            self.buffers[prompt].extend(values)
+
+
+def ddpo_step_loss(
+    policy: Any, traj: Batch, step: int, advantages: torch.Tensor, clip_range: float = 1e-4,
+    adv_clip_max: float = 5.0, kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip loss of denoising step ``step`` for the trajectories in ``traj`` (with gradients).
+
+    ``traj`` is ``sample_trajectory``'s Batch (its ``log_probs`` are the old log-probs);
+    ``advantages`` [B] per image. With ``kl_coef`` > 0 the k3 KL estimate to the adapter-disabled
+    reference (LoRA) is added.
+    """
+    prompts = list(traj["prompts"])
+    t = traj["timesteps"][:, step]
+    logp = policy.step_logprob(traj["latents"][:, step], traj["next_latents"][:, step], t, prompts)
+    old = traj["log_probs"][:, step].to(logp)
+    adv = advantages.to(logp).clamp(-adv_clip_max, adv_clip_max)
+    loss, metrics = ppo_policy_loss(logp, old, adv, clip_range)
+    if kl_coef > 0:
+        with torch.no_grad(), policy.adapter_disabled():
+            ref = policy.step_logprob(traj["latents"][:, step], traj["next_latents"][:, step], t, prompts)
+        log_ratio = ref - logp
+        kl = (log_ratio.exp() - 1 - log_ratio).mean()
+        loss = loss + kl_coef * kl
+        metrics["kl"] = kl.detach()
+    return loss, metrics

@@ -1,0 +1,56 @@
+"""DDPO's per-prompt stat tracking and the per-step PPO-clip update on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rlplat.algos.ddpo import PerPromptStatTracker, ddpo_step_loss
+
+
+def test_stat_tracker_uses_global_stats_until_min_count():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    adv = tracker.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0]))
+    g_mean, g_std = 3.0, np.std([1.0, 3.0, 5.0])
+    np.testing.assert_allclose(adv, (np.array([1.0, 3.0, 5.0]) - g_mean) / (g_std + 1e-6))
+    adv = tracker.update(["a", "b"], np.array([2.0, 0.0]))
+    # "a" now has 3 scores (1, 3, 2): its own stats; "b" has 2: the batch's.
+    np.testing.assert_allclose(adv[0], (2.0 - 2.0) / (np.std([1.0, 3.0, 2.0]) + 1e-6))
+    np.testing.assert_allclose(adv[1], (0.0 - 1.0) / (np.std([2.0, 0.0]) + 1e-6))
+    tracker.update(["a"] * 3, np.array([7.0, 8.0, 9.0]))
+    assert tracker.state_dict()["a"] == [2.0, 7.0, 8.0, 9.0]  # buffer_size 4 keeps the newest
+    fresh = PerPromptStatTracker(4, 3)
+    fresh.load_state_dict(tracker.state_dict())
+    assert fresh.state_dict() == tracker.state_dict()
+    with pytest.raises(ValueError, match="2 rewards but 1 prompts"):
+        tracker.update(["a"], np.array([1.0, 2.0]))
+
+
+def test_ddpo_update_raises_logprob_of_positive_advantage_samples(tmp_path):
+    from rlplat.policies.diffusion.pipeline import TextToImagePolicy
+
+    torch.manual_seed(0)
+    policy = TextToImagePolicy(tiny={"image_size": 16, "fold": 2, "block_out_channels": [16, 32],
+                                     "text_hidden_size": 16}, cache_dir=str(tmp_path), device="cpu",
+                               num_steps=2, guidance_scale=1.0, lora={"r": 4})
+    traj = policy.sample_trajectory(["a red circle"] * 4, generator=torch.Generator().manual_seed(0))
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, metrics = ddpo_step_loss(policy, traj, 0, advantages, clip_range=0.2, kl_coef=0.1)
+    # On-policy start: ratio 1, loss = -mean(A) = 0, KL 0.
+    assert metrics["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5) and metrics["kl"].item() == pytest.approx(0.0, abs=1e-7)
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    policy.train()
+    for _ in range(5):
+        for k in range(2):
+            loss, _ = ddpo_step_loss(policy, traj, k, advantages, clip_range=0.2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        gain = torch.stack([
+            policy.step_logprob(traj["latents"][:, k], traj["next_latents"][:, k], traj["timesteps"][:, k],
+                                list(traj["prompts"])) - traj["log_probs"][:, k] for k in range(2)
+        ]).sum(0)
+    assert gain[advantages > 0].mean() > gain[advantages < 0].mean()
