@@ -15,11 +15,8 @@ frozen (fixed word embeddings; only the UNet learns) with a local word-level tok
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ import torch.nn.functional as F
 
 from rlplat.batch import Batch
 from rlplat.policies.base import DiffusionPolicy
+from rlplat.policies.cache import build_once, cached_folder
 from rlplat.policies.diffusion.logprob import ddim_step_with_logprob
 
 _TINY_BUILD_VERSION = 1
@@ -38,7 +36,7 @@ _TINY_WORDS = ["a", "an", "one", "two", "three", "four", "red", "green", "blue",
 SD15_HINT = (
     "download it once on a machine with hub access (e.g. `huggingface-cli download "
     "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /data/sd15 --include '*.json' '*.txt' "
-    "'*.safetensors'`), copy the folder here and pass policy.path=/data/sd15 or export SD15_PATH=/data/sd15"
+    "'*.safetensors'`), copy the folder here and pass policy.path=/data/sd15"
 )
 
 
@@ -101,25 +99,9 @@ def build_tiny_diffusion(
 
 
 def ensure_tiny(cache_dir: str | os.PathLike | None, **build_args: Any) -> Path:
-    """The tiny preset's cache folder for ``build_args``, built there on first use (atomic rename)."""
-    root = Path(cache_dir or os.environ.get("RLPLAT_CACHE_DIR") or Path(tempfile.gettempdir()) / "rlplat-cache")
-    digest = hashlib.sha1(json.dumps({"v": _TINY_BUILD_VERSION, **build_args}, sort_keys=True,
-                                     default=list).encode()).hexdigest()[:12]
-    target = root / f"diffusion_tiny-{digest}"
-    if (target / "unet" / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=root))
-    try:
-        build_tiny_diffusion(tmp, **build_args)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "unet" / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """The tiny preset's cache folder for ``build_args``, built there on first use."""
+    target = cached_folder(cache_dir, "diffusion_tiny", build_args, _TINY_BUILD_VERSION)
+    return build_once(target, "unet/config.json", lambda tmp: build_tiny_diffusion(tmp, **build_args))
 
 
 def find_diffusion_dir(path: str | os.PathLike) -> Path:

@@ -17,12 +17,10 @@ back with ``from_pretrained``. With ``lora.r > 0`` the base is frozen and only t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from torch import nn
 
 from rlplat.policies.base import ActionPolicy, ActOutput, EvalOutput, Observation
+from rlplat.policies.cache import build_once, cached_folder
 from rlplat.policies.openvla.action_tokenizer import (
     STATS_FILENAME,
     ActionTokenizer,
@@ -73,34 +72,13 @@ def tiny_cache_dir(cache_dir: str | os.PathLike | None, build_args: Mapping[str,
     ``cache_dir`` or ``$RLPLAT_CACHE_DIR`` or ``<tmp>/rlplat-cache``, then a name that hashes the
     build arguments, so different tiny shapes never share a folder.
     """
-    root = Path(cache_dir or os.environ.get("RLPLAT_CACHE_DIR") or Path(tempfile.gettempdir()) / "rlplat-cache")
-    digest = hashlib.sha1(
-        json.dumps({"v": _TINY_BUILD_VERSION, **build_args}, sort_keys=True).encode()
-    ).hexdigest()[:12]
-    return root / f"openvla_tiny-{digest}"
+    return cached_folder(cache_dir, "openvla_tiny", build_args, _TINY_BUILD_VERSION)
 
 
 def ensure_tiny(cache_dir: str | os.PathLike | None, **build_args: Any) -> Path:
-    """Builds the tiny preset into its cache folder unless it is there; returns the folder.
-
-    The build goes to a temporary sibling that is renamed into place, so concurrent workers
-    never see a half-written model (the loser of the race discards its copy).
-    """
-    target = tiny_cache_dir(cache_dir, build_args)
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build_tiny_openvla(tmp, **build_args)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Builds the tiny preset into its cache folder unless it is there; returns the folder."""
+    return build_once(tiny_cache_dir(cache_dir, build_args), "config.json",
+                      lambda tmp: build_tiny_openvla(tmp, **build_args))
 
 
 def source_is_openvla(folder: Path) -> bool:
