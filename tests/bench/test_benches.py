@@ -1,4 +1,4 @@
-"""The OpenVLA benchmark scripts run end to end on CPU with the tiny preset (numbers not judged)."""
+"""The benchmark scripts run end to end on CPU with tiny presets (their numbers are not judged here)."""
 
 from __future__ import annotations
 
@@ -69,3 +69,16 @@ def test_gpu_script_runs_the_tiny_shape_on_cpu(tmp_path: Path, monkeypatch: pyte
     assert 0 < ppo["trainable_params"] < result["params"]
     assert math.isfinite(ppo["loss"])
     assert ppo["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_diffusion_step_bench_runs_both_variants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "diffusion_step.json"
+    run_main(load_script("diffusion_step"), ["--steps", "2", "--pairs", "2", "--cache-dir", str(tmp_path / "cache"),
+                                             "--out", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    lora, full = result["variants"]
+    assert (lora["variant"], full["variant"]) == ("lora", "full")
+    # LoRA trains a small fraction of the same UNet; full trains all of it.
+    assert 0 < lora["trainable_params"] < 0.05 * full["trainable_params"]
+    assert full["trainable_params"] == full["unet_params"] == lora["unet_params"] - lora["trainable_params"]
+    assert all(v["update_s"] > 0 and v["peak_mb"] > 0 and v["pairs"] == 2 for v in result["variants"])
