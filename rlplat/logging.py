@@ -164,3 +164,41 @@ def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 10, min_size
     else:
         imageio.mimsave(path, list(frames), fps=fps)
     return path
+
+
+def save_image_grid(
+    images: np.ndarray, path: Path, captions: Sequence[str] | None = None, columns: int = 8, min_size: int = 96,
+) -> Path:
+    """Writes uint8 images [N, H, W, 3] as one PNG grid, each tile captioned underneath.
+
+    Tiles are upscaled (nearest neighbour) to at least ``min_size`` pixels; a caption is drawn in
+    PIL's default font and cut to the tile width. Used for fixed-prompt sample grids (same seeds
+    before and after training).
+    """
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(captions)} captions")
+    n, height, width = images.shape[:3]
+    scale = max(1, math.ceil(min_size / max(height, width)))
+    tile_h, tile_w = height * scale, width * scale
+    text_h = 14 if captions is not None else 0
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * tile_w, rows * (tile_h + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * tile_w, (i // columns) * (tile_h + text_h)
+        grid.paste(Image.fromarray(image).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        if captions is not None:
+            text = str(captions[i])
+            while text and draw.textlength(text) > tile_w - 2:
+                text = text[:-1]
+            draw.text((x + 1, y + tile_h + 1), text, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path

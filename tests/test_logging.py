@@ -53,3 +53,24 @@ def test_wandb_backend_runs_offline_inside_the_run_dir(tmp_path):
 def test_unknown_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="logger.backend"):
         RunLogger(tmp_path, total_steps=1, backend="tensorboard")
+
+
+def test_image_grid_tiles_and_captions(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rlplat.logging import save_image_grid
+
+    images = np.zeros((5, 16, 16, 3), np.uint8)
+    images[:, :, :, 0] = np.arange(5)[:, None, None] * 50
+    path = save_image_grid(images, tmp_path / "grid.png", captions=[f"prompt {i}" for i in range(5)], columns=3)
+    grid = np.asarray(Image.open(path))
+    # 2 rows x 3 columns of 96 px tiles (16 px scaled by 6) plus a 14 px caption strip per row.
+    assert grid.shape == (2 * (96 + 14), 3 * 96, 3)
+    assert (grid[0:96, 96:192, 0] == 50).all() and (grid[110:206, 0:96, 0] == 150).all()
+    # The caption strip holds dark text pixels; the unused sixth tile stays white.
+    assert (grid[96:110, 0:96] < 100).any() and (grid[110:206, 192:288] == 255).all()
+    import pytest
+
+    with pytest.raises(ValueError, match="5 images but 1 captions"):
+        save_image_grid(images, tmp_path / "x.png", captions=["a"])
