@@ -58,6 +58,7 @@ def test_default_config_is_the_quickstart():
     # A group given on the command line wins over the experiment's choice.
     ppo = compose(["algo=ppo"])
     assert ppo.algo._target_.endswith("PPO") and ppo.policy._target_.endswith("OpenVLAPolicy")
+    assert ppo.policy.value_detach  # a fresh critic must not reshape the SFT trunk
     mlp = compose(["experiment=toy_mlp"])
     assert mlp.name == "toy_mlp" and mlp.algo._target_.endswith("PPO") and mlp.policy._target_.endswith("ActorCritic")
     assert mlp.env.obs_mode == "state" and mlp.env.num_objects == 3
