@@ -73,6 +73,23 @@ def all_specs() -> list[ShapeSpec]:
     return [ShapeSpec(n, c, s) for n in COUNT_WORDS for c in COLORS for s in SHAPES]
 
 
+def prompt_split(heldout_fraction: float = 0.25, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) captions: a fixed random split of the 54 specs, so benchmarks report
+    reward on prompts the tuning never saw. Every colour, shape and count still occurs in train."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
+    specs = all_specs()
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        order = rng.permutation(len(specs))
+        cut = round(len(specs) * heldout_fraction)
+        train = [specs[i] for i in order[cut:]]
+        covered = ({s.color for s in train}, {s.shape for s in train}, {s.count for s in train})
+        if covered == (set(COLORS), set(SHAPES), set(COUNT_WORDS)):
+            return [s.caption() for s in train], [specs[i].caption() for i in order[:cut]]
+    raise RuntimeError(f"no split with held-out fraction {heldout_fraction} keeps every word in train")
+
+
 def _mask(shape: str, side: int) -> np.ndarray:
     """Boolean [side, side] footprint of one shape filling its box."""
     yy, xx = np.mgrid[0:side, 0:side] + 0.5

@@ -61,3 +61,17 @@ def test_fidelity_separates_right_from_wrong_captions_on_a_dataset():
     assert right.mean() == pytest.approx(1.0) and wrong.mean() < 0.7
     again, again_captions = sample_dataset(60, seed=3)
     assert np.array_equal(again, images) and again_captions == captions
+
+
+def test_prompt_split_is_fixed_disjoint_and_covers_every_word_in_train():
+    from rlplat.envs.preference.shapes import COLORS, SHAPES, prompt_split
+
+    train, heldout = prompt_split(0.25, seed=0)
+    assert len(train) + len(heldout) == 54 and len(heldout) == 14
+    assert not set(train) & set(heldout)
+    assert prompt_split(0.25, seed=0) == (train, heldout)
+    specs = [parse_caption(c) for c in train]
+    assert {s.color for s in specs} == set(COLORS) and {s.shape for s in specs} == set(SHAPES)
+    assert {s.count for s in specs} == {1, 2, 3}
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        prompt_split(1.0)
