@@ -71,8 +71,7 @@ def make_inputs(model: OpenVLAForActionPrediction, processor: Any, batch: int, d
     config = model.config
     rng = np.random.default_rng(0)
     if processor is not None:
-        side = config.image_sizes[0] if getattr(config, "image_sizes", None) else 224
-        side = getattr(config.siglip_config, "image_size", side)
+        side = config.siglip_config.image_size
         images = rng.integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
         inputs = processor(images, ["pick up the red block and place it in the bowl"] * batch)
         return {k: v.to(device) for k, v in inputs.items()}

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from rlplat.policies.cache import build_once, cached_folder
 from rlplat.policies.diffusion.logprob import ddim_step_with_logprob
 
 _TINY_BUILD_VERSION = 1
+# Distinct prompts whose text-encoder states are kept (the cache is cleared when it would overflow).
+_PROMPT_CACHE_SIZE = 4096
 # Words of the tiny tokenizer: the shapes world's captions (envs/preference/shapes.py) and a few more.
 _TINY_WORDS = ["a", "an", "one", "two", "three", "four", "red", "green", "blue", "yellow", "purple", "orange", "pink", "white", "black", "gray", "brown", "cyan", "circle", "circles", "square", "squares", "triangle", "triangles", "on", "background", "of", "and", "the", "with", "image", "photo"]
 SD15_HINT = (
@@ -188,6 +191,7 @@ class TextToImagePolicy(DiffusionPolicy):
         self.eta = float(eta)
         self.reduction = reduction
         self.scheduler.set_timesteps(self.num_steps)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
         self.to(self._device)
         self.eval()
 
@@ -197,11 +201,16 @@ class TextToImagePolicy(DiffusionPolicy):
         """The reference model is the UNet with its LoRA adapter disabled (no second copy)."""
         return self.lora_rank > 0
 
-    def adapter_disabled(self):
-        """Context manager: the block runs the base UNet (needs LoRA)."""
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Runs the block with the base UNet (needs LoRA)."""
         if self.lora_rank <= 0:
             raise RuntimeError("adapter_disabled() needs policy.lora.r > 0 (there is no adapter to disable)")
-        return _AdapterOff(self.unet)
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -210,10 +219,20 @@ class TextToImagePolicy(DiffusionPolicy):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states [B, L, D] (padded to the tokenizer's max length)."""
-        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        return self.text_encoder(input_ids=ids.input_ids.to(self._device)).last_hidden_state
+        """Text-encoder hidden states [B, L, D] (padded to the tokenizer's max length).
+
+        The text encoder is frozen, so each distinct prompt is encoded once and cached: training
+        rescores every denoising step of the same prompts many times.
+        """
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
+            hidden = self.text_encoder(input_ids=ids.input_ids.to(self._device)).last_hidden_state
+            if len(self._prompt_cache) + len(missing) > _PROMPT_CACHE_SIZE:
+                self._prompt_cache.clear()
+            self._prompt_cache.update(zip(missing, hidden))
+        return torch.stack([self._prompt_cache[p] for p in prompts])
 
     def images_to_latents(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] images -> latents [B, C, h, w] (the diffusion space)."""
@@ -311,13 +330,3 @@ class TextToImagePolicy(DiffusionPolicy):
                                          reduction=self.reduction)
         return logp
 
-
-class _AdapterOff:
-    def __init__(self, unet: torch.nn.Module) -> None:
-        self.unet = unet
-
-    def __enter__(self) -> None:
-        self.unet.disable_adapters()
-
-    def __exit__(self, *exc: object) -> None:
-        self.unet.enable_adapters()

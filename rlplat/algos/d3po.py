@@ -91,8 +91,8 @@ def label_pairs(
     for key, name in (("latents", "latents"), ("next_latents", "next_latents"), ("log_probs", "log_probs")):
         fields[f"w_{name}"], fields[f"l_{name}"] = order(key)
     kept = Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
-    metrics = {"reward/mean": float(np.concatenate([score_a, score_b]).mean()),
-               "reward/std": float(np.concatenate([score_a, score_b]).std()),
+    scores = np.concatenate([score_a, score_b])
+    metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
                "pairs/kept_fraction": float(keep.mean())}
     return kept, metrics
 

@@ -91,3 +91,15 @@ def test_missing_sd15_folder_says_where_to_put_it(tmp_path):
         TextToImagePolicy(path=str(tmp_path / "sd15"), device="cpu")
     with pytest.raises(ValueError, match="eta"):
         TextToImagePolicy(tiny=TINY, cache_dir=str(tmp_path), device="cpu", eta=0.0)
+
+
+def test_prompt_encodings_are_cached_and_equal_a_fresh_encoding(cache):
+    policy = make(cache)
+    prompts = ["a red circle", "two blue squares", "a red circle", ""]
+    cached = policy.encode_prompts(prompts)
+    ids = policy.tokenizer(prompts, padding="max_length", truncation=True,
+                           max_length=policy.tokenizer.model_max_length, return_tensors="pt")
+    with torch.no_grad():
+        fresh = policy.text_encoder(input_ids=ids.input_ids).last_hidden_state
+    torch.testing.assert_close(cached, fresh)
+    assert len(policy._prompt_cache) == 3 and torch.equal(cached[0], cached[2])
