@@ -112,6 +112,68 @@ class OpenVLAPolicyConfig:
     export_base: bool = True
 
 
+@dataclass
+class DiffusionTinyConfig:
+    """Shape of the random-init tiny text-to-image model (built once, cached, loaded with from_pretrained)."""
+
+    # Side of the square images in pixels.
+    image_size: int = 32
+    # pixel_unshuffle factor: a 3 x H x W image is a 3 f^2 x H/f x W/f latent.
+    fold: int = 2
+    # UNet channels per level (each level halves the resolution).
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    # First level with cross-attention to the prompt (attention at full resolution is slow on CPUs).
+    attention_from_level: int = 1
+    # Width of the frozen text encoder (the fixed word embeddings).
+    text_hidden_size: int = 32
+    # Init seed of the random weights (part of the cache key).
+    seed: int = 0
+
+
+@dataclass
+class DiffusionLoRAConfig:
+    """peft LoRA on the UNet attention (r = 0 trains every UNet weight instead)."""
+
+    # Adapter rank; 0 disables LoRA (full fine-tuning, no built-in reference).
+    r: int = 0
+    # LoRA alpha (null: r).
+    alpha: int | None = None
+    # Dropout on the adapter input.
+    dropout: float = 0.0
+    # Module-name suffixes that get adapters (null: to_q, to_k, to_v, to_out.0).
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class DiffusionPolicyConfig:
+    """Text-to-image DDIM sampler with per-step log-probs (policies/diffusion/pipeline.py)."""
+
+    # Class that builds the policy.
+    _target_: str = "rlplat.policies.diffusion.pipeline.TextToImagePolicy"
+    # Local diffusers-layout folder (SD1.5, an rlplat export); null: the tiny preset.
+    path: str | None = None
+    # Tiny preset shape, used when path is null.
+    tiny: DiffusionTinyConfig = field(default_factory=DiffusionTinyConfig)
+    # Cache folder of the tiny preset (null: $RLPLAT_CACHE_DIR or <tmp>/rlplat-cache).
+    cache_dir: str | None = None
+    # Weight dtype: float32, bfloat16 or float16.
+    dtype: str = "float32"
+    # auto (cuda when available), cpu or cuda[:i].
+    device: str = "auto"
+    # LoRA adapter via peft; the reference model is the adapter disabled.
+    lora: DiffusionLoRAConfig = field(default_factory=DiffusionLoRAConfig)
+    # DDIM steps per sample.
+    num_steps: int = 20
+    # Classifier-free guidance weight (1: no guidance, one UNet pass per step).
+    guidance_scale: float = 3.0
+    # DDIM noise scale; > 0, since a deterministic step has no log-probability.
+    eta: float = 1.0
+    # Reduction of the per-element Gaussian log-density of a step: mean (DDPO/D3PO) or sum.
+    reduction: str = "mean"
+    # Images sampled per UNet batch (larger requests are split).
+    sample_batch_size: int = 64
+
+
 # --------------------------------------------------------------------------- env
 
 
@@ -141,6 +203,25 @@ class ToyEnvConfig:
     success_radius: float = 0.1
 
 
+# --------------------------------------------------------------------------- preference
+
+
+@dataclass
+class OnlinePreferenceConfig:
+    """Prompts, a score and tie rules for online preference tuning (envs/preference/online.py)."""
+
+    # Class that builds the source.
+    _target_: str = "rlplat.envs.preference.online.OnlinePreferences"
+    # Prompt set (_target_ + arguments): train prompts, held-out eval prompts, maybe demonstrations.
+    prompts: Any = field(default_factory=lambda: {"_target_": "rlplat.envs.preference.shapes.ShapesPrompts"})
+    # Score source (_target_ + arguments), higher is better.
+    score: Any = MISSING
+    # Score gap at or below which a pair counts as a tie.
+    tie_margin: float = 0.0
+    # Tied pairs: drop (no gradient) or random (a fair coin labels them).
+    ties: str = "drop"
+
+
 # --------------------------------------------------------------------------- algo
 
 
@@ -156,6 +237,8 @@ class OptimConfig:
     anneal_lr: bool = False
     # Clip the global gradient norm to this value.
     max_grad_norm: float = 0.5
+    # Decoupled weight decay (AdamW; used by the text-to-image algorithms).
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -250,6 +333,78 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, max_grad_norm=1.0))
 
 
+@dataclass
+class D3POConfig:
+    """D3PO on online pairs that share x_T (rlplat/algos/d3po.py)."""
+
+    # Class that implements the algorithm.
+    _target_: str = "rlplat.algos.d3po.D3PO"
+    # Prompts per iteration; each gets a pair of samples.
+    batch_size: int = 16
+    # Minibatches (optimizer steps) per epoch over the kept pairs.
+    num_minibatches: int = 2
+    # Passes over each iteration's pairs.
+    update_epochs: int = 1
+    # Share of the denoising steps trained per minibatch (drawn at random).
+    timestep_fraction: float = 1.0
+    # DPO temperature beta.
+    beta: float = 0.1
+    # Half-width of the clipped ratio band.
+    clip_eps: float = 0.1
+    # Reference log-probs: adapter (LoRA disabled, the pretrained model) or sampled (at sampling time).
+    reference: str = "adapter"
+    # Optimizer (AdamW).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
+
+
+@dataclass
+class DDPOConfig:
+    """DDPO / GRPO for diffusion: PPO-clip on the denoising-step ratios (rlplat/algos/ddpo.py)."""
+
+    # Class that implements the algorithm.
+    _target_: str = "rlplat.algos.ddpo.DDPO"
+    # Prompts per iteration.
+    batch_size: int = 8
+    # Samples per prompt (the group of advantage=group).
+    group_size: int = 4
+    # per_prompt (DDPO's running per-prompt statistics) or group (GRPO: normalised within the group).
+    advantage: str = "group"
+    # Scores kept per prompt by the tracker (advantage=per_prompt).
+    tracker_buffer_size: int = 32
+    # Scores a prompt needs before its own statistics are used (advantage=per_prompt).
+    tracker_min_count: int = 16
+    # Minibatches (optimizer steps) per epoch.
+    num_minibatches: int = 2
+    # Passes over each iteration's samples.
+    update_epochs: int = 1
+    # Share of the denoising steps trained per minibatch (drawn at random).
+    timestep_fraction: float = 1.0
+    # Clip range of the step ratio (tiny: log-probs are means over elements).
+    clip_range: float = 1e-4
+    # Advantages are clipped to +- this.
+    adv_clip_max: float = 5.0
+    # Weight of the k3 KL to the adapter-disabled reference (needs LoRA; 0: none).
+    kl_coef: float = 0.0
+    # Optimizer (AdamW).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
+
+
+@dataclass
+class DiffusionSFTConfig:
+    """Denoising-loss (pre)training on the source's demonstrations (rlplat/algos/diffusion_sft.py)."""
+
+    # Class that implements the algorithm.
+    _target_: str = "rlplat.algos.diffusion_sft.DiffusionSFT"
+    # Images per optimizer step.
+    batch_size: int = 64
+    # Optimizer steps per iteration (fresh demonstrations each).
+    num_minibatches: int = 50
+    # Share of captions replaced by the empty prompt (trains the unconditional branch for guidance).
+    cond_dropout: float = 0.1
+    # Optimizer (AdamW).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, eps=1e-8, max_grad_norm=1.0))
+
+
 # --------------------------------------------------------------------------- placement
 
 
@@ -333,8 +488,10 @@ class TrainConfig:
 
     # Policy family (conf/policy).
     policy: Any = MISSING
-    # Environment (conf/env).
-    env: Any = MISSING
+    # Environment (conf/env); null for preference runs.
+    env: Any = None
+    # Preference source (conf/preference); null for environment runs.
+    preference: Any = None
     # Algorithm (conf/algo).
     algo: Any = MISSING
     # Placement of roles on devices (conf/placement).
@@ -376,10 +533,15 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="policy", name="mlp_schema", node=MLPPolicyConfig)
     cs.store(group="policy", name="openvla_schema", node=OpenVLAPolicyConfig)
+    cs.store(group="policy", name="diffusion_schema", node=DiffusionPolicyConfig)
     cs.store(group="env", name="toy_schema", node=ToyEnvConfig)
+    cs.store(group="preference", name="online_schema", node=OnlinePreferenceConfig)
     cs.store(group="algo", name="ppo_schema", node=PPOConfig)
     cs.store(group="algo", name="grpo_schema", node=GRPOConfig)
     cs.store(group="algo", name="sft_schema", node=SFTConfig)
+    cs.store(group="algo", name="d3po_schema", node=D3POConfig)
+    cs.store(group="algo", name="ddpo_schema", node=DDPOConfig)
+    cs.store(group="algo", name="diffusion_sft_schema", node=DiffusionSFTConfig)
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

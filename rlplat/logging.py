@@ -86,7 +86,7 @@ class RunLogger:
             self.wandb.log(row, step=step)
         summary = _summary(row)
         self.progress.update(self.task, completed=step, info=summary)
-        if step % self.log_every == 0 or "eval/success_rate" in row:
+        if step % self.log_every == 0 or "eval/success_rate" in row or "eval/reward" in row:
             self.console.print(f"step {step:>5}  {summary}", highlight=False)
 
     def log_media(self, name: str, path: Path) -> None:
@@ -109,20 +109,32 @@ def _plain(v: Any) -> Any:
 
 
 def _summary(row: Mapping[str, Any]) -> str:
-    parts = [f"env_steps {row.get('env_steps', 0):,}"]
+    # Embodied runs count env steps; preference runs count sampled (or demonstrated) images.
+    parts = [f"samples {row['samples']:,}"] if "samples" in row else [f"env_steps {row.get('env_steps', 0):,}"]
     for key, label in (
         ("perf/env_steps_per_s", "steps/s {:.0f}"),
+        ("perf/samples_per_s", "samples/s {:.1f}"),
         ("train/success_rate", "train success {:.2f}"),
         ("train/episode_return", "return {:.2f}"),
+        ("reward/mean", "reward {:.3f}"),
+        ("train/loss", "loss {:.4f}"),
         ("eval/success_rate", "EVAL success {:.2f}"),
+        ("eval/reward", "EVAL reward {:.3f}"),
     ):
         if row.get(key) is not None:
             parts.append(label.format(row[key]))
     return "  ".join(parts)
 
 
-def plot_learning_curve(metrics_path: Path, out_png: Path, keys: Sequence[str] = ("train/success_rate", "eval/success_rate")) -> Path:
-    """Success (or any keys) versus env steps, saved as a PNG."""
+def plot_learning_curve(
+    metrics_path: Path,
+    out_png: Path,
+    keys: Sequence[str] = ("train/success_rate", "eval/success_rate"),
+    x_key: str = "env_steps",
+    y_label: str = "success rate",
+    y_range: tuple[float, float] | None = (-0.02, 1.02),
+) -> Path:
+    """``keys`` (default: success rates) versus ``x_key`` (default: env steps), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,13 +143,14 @@ def plot_learning_curve(metrics_path: Path, out_png: Path, keys: Sequence[str] =
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
-        pts = [(r["env_steps"], r[key]) for r in rows if r.get(key) is not None]
+        pts = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o" if key.startswith("eval") else None, label=key)
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(x_key.replace("_", " "))
+    ax.set_ylabel(y_label)
+    if y_range is not None:
+        ax.set_ylim(*y_range)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

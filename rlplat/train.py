@@ -39,6 +39,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from rlplat.runtime.cluster import ClusterConfig, ray_session
 
     offline_defaults()
+    if cfg.get("preference") is not None:
+        return run_preference(cfg, run_dir)
+    if cfg.get("env") is None:
+        raise SystemExit("config error: the run has neither an env nor a preference source: "
+                         "choose env=<name> (e.g. env=toy) or preference=<name> (e.g. preference=shapes_fidelity)")
     run_dir.mkdir(parents=True, exist_ok=True)
     warm_cfg = warm_start_config(cfg, run_dir)
     try:
@@ -62,6 +67,32 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             cfg = copy.deepcopy(cfg)
             cfg.policy.init_from = str(warm_dir)
         loop = EmbodiedLoop(cfg, run_dir, algo)
+        try:
+            return loop.run()
+        finally:
+            loop.shutdown()
+
+
+def run_preference(cfg: DictConfig, run_dir: Path) -> dict:
+    """Runs one text-to-image preference job (policy x preference source x algorithm) in ``run_dir``."""
+    from hydra.errors import InstantiationException
+
+    from rlplat.loops.preference import PreferenceLoop, check_preference_config
+    from rlplat.runtime.cluster import ClusterConfig, ray_session
+
+    if cfg.get("env") is not None:
+        raise SystemExit(f"config error: env={cfg.env._target_} and preference={cfg.preference._target_} are both "
+                         f"set; a run has one of them: drop the env with ~env on the command line (in an experiment: "
+                         f"'- override /env: null')")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        algo = check_preference_config(cfg)
+    except (ValueError, FileNotFoundError, InstantiationException) as err:
+        raise SystemExit(f"config error: {err}") from None
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))
+    with ray_session(cluster):
+        loop = PreferenceLoop(cfg, run_dir, algo)
         try:
             return loop.run()
         finally:
@@ -94,9 +125,9 @@ def warm_start_config(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
 
 @hydra.main(version_base="1.3", config_path="pkg://rlplat.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the final eval success rate (for sweepers)."""
+    """Hydra entry point; returns the final eval success rate, or eval reward of preference runs (for sweepers)."""
     metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return float(metrics.get("eval/success_rate", 0.0))
+    return float(metrics.get("eval/success_rate", metrics.get("eval/reward", 0.0)))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,12 @@ import pytest
 from rlplat.config import compose
 
 
-def _train(*args: str, cwd) -> tuple[int, str, float]:
-    t0 = time.perf_counter()
+def _train(*args: str, cwd) -> tuple[int, str, bool]:
+    """Exit code, output, and whether the run got as far as starting Ray (bad configs must not)."""
     proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    return proc.returncode, out, "Started a local Ray instance" in out
 
 
 @pytest.mark.parametrize(
@@ -28,17 +28,17 @@ def _train(*args: str, cwd) -> tuple[int, str, float]:
     ],
 )
 def test_bad_override_fails_fast_naming_the_key(tmp_path, override, expected):
-    code, out, seconds = _train(override, cwd=tmp_path)
+    code, out, ray_started = _train(override, cwd=tmp_path)
     assert code != 0 and expected in out, out
-    assert seconds < 10
+    assert not ray_started
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.jsonl"))
 
 
 def test_batch_arithmetic_mismatch_names_the_numbers(tmp_path):
-    code, out, seconds = _train("env.num_envs=60", "algo.num_minibatches=16", cwd=tmp_path)
+    code, out, ray_started = _train("env.num_envs=60", "algo.num_minibatches=16", cwd=tmp_path)
     assert code != 0
     assert "env.num_envs=60" in out and "3000 rows" in out and "num_minibatches=16" in out, out
-    assert seconds < 10
+    assert not ray_started
 
 
 def test_grpo_group_size_mismatch(tmp_path):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rlplat.envs.preference.online import PromptSet
 from rlplat.envs.preference.proxy import ScoreSource
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -195,3 +196,30 @@ class ShapesFidelity(ScoreSource):
             parts = fidelity_parts(image, parse_caption(prompt))
             out.append((parts["color"] + parts["count"] + parts["shape"]) / 3.0)
         return np.asarray(out, np.float32)
+
+
+class ShapesPrompts(PromptSet):
+    """The shapes world as a prompt set: the fixed train / held-out split, and rendered demonstrations.
+
+    Args:
+        heldout_fraction: Share of the 54 specs held out for evaluation (``prompt_split``).
+        split_seed: Seed of that split (fixed, so every run and benchmark agrees on it).
+        image_size: Side of rendered demonstrations (the tiny model's image size).
+        background_prob: Share of demonstration captions that end in "on a white background".
+    """
+
+    has_demonstrations = True
+
+    def __init__(self, heldout_fraction: float = 0.25, split_seed: int = 0, image_size: int = 32,
+                 background_prob: float = 0.5) -> None:
+        super().__init__(*prompt_split(heldout_fraction, split_seed))
+        self.image_size = int(image_size)
+        self.background_prob = float(background_prob)
+
+    def demonstrations(self, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+        """``n`` rendered (image, caption) pairs over every spec of the world (``sample_dataset``).
+
+        Pretraining sees all 54 specs, as a base model knows its world; the held-out split only
+        keeps preference tuning from drawing the evaluation prompts.
+        """
+        return sample_dataset(n, self.image_size, seed, self.background_prob)

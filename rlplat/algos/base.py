@@ -151,3 +151,119 @@ class Algorithm(abc.ABC):
         if self.optim.get("anneal_lr", False):
             lr *= max(0.0, 1.0 - step / max(total_steps, 1))
         return lr
+
+
+class PreferenceAlgorithm(abc.ABC):
+    """Base class of text-to-image algorithms (D3PO, DDPO/GRPO, diffusion SFT).
+
+    The preference loop asks the rollout worker for ``samples_per_prompt`` trajectories of each
+    of ``cfg["batch_size"]`` prompts (sharing the initial noise within a prompt when
+    ``share_noise``), scores them with the preference source, hands them to ``prepare`` in the
+    controller (labels, advantages), and the actor worker runs ``update``: for every minibatch,
+    the gradients of ``step_loss`` over a random subset of the denoising steps are accumulated
+    and applied in one optimizer step (DDPO's and D3PO's schedule).
+    """
+
+    #: Trajectories sampled per prompt (0: the algorithm trains on demonstrations instead).
+    samples_per_prompt: ClassVar[int] = 1
+    #: Whether the trajectories of one prompt start from the same x_T.
+    share_noise: ClassVar[bool] = False
+
+    def __init__(self, **cfg: Any) -> None:
+        self.cfg = cfg
+        self.optim = cfg["optim"]
+
+    @property
+    def needs_adapter_reference(self) -> bool:
+        """Whether the loss scores a reference with the policy's LoRA adapter disabled."""
+        return False
+
+    def check(self, lora_rank: int) -> None:
+        """Checks the batch arithmetic and what the policy must offer; raises naming the fields."""
+        batch, minibatches = int(self.cfg["batch_size"]), int(self.cfg["num_minibatches"])
+        rows = batch * max(self.samples_per_prompt, 1)
+        if minibatches < 1 or rows < minibatches:
+            raise BatchArithmeticError(
+                f"algo.batch_size={batch} prompts x {max(self.samples_per_prompt, 1)} samples = {rows} rows cannot "
+                f"fill algo.num_minibatches={minibatches}; use algo.num_minibatches between 1 and {rows}"
+            )
+        if self.needs_adapter_reference and lora_rank <= 0:
+            raise ValueError(
+                f"{type(self).__name__} scores the reference as the policy with its LoRA adapter disabled, but "
+                f"policy.lora.r={lora_rank}: set policy.lora.r>0, or algo.reference=sampled / algo.kl_coef=0"
+            )
+
+    def prepare(self, traj: Batch, scores: np.ndarray, source: Any, rng: np.random.Generator
+                ) -> tuple[Batch, dict[str, float]]:
+        """Turns scored trajectories into the training batch (in the controller); returns it and metrics."""
+        raise NotImplementedError
+
+    def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss of denoising step ``step`` over the minibatch, with gradients."""
+        raise NotImplementedError
+
+    def update(
+        self,
+        policy: Any,
+        optimizer: torch.optim.Optimizer,
+        batch: Batch,
+        generator: torch.Generator,
+        sync_grads: Callable[[], None] | None = None,
+    ) -> dict[str, float]:
+        """``update_epochs`` x ``num_minibatches`` optimizer steps, each over a subset of the steps.
+
+        Each minibatch trains on ``timestep_fraction`` of the denoising steps, drawn at random
+        per minibatch; their losses are averaged (gradients accumulated step by step, so memory
+        holds one step's graph). A minibatch whose loss is not finite is skipped and counted.
+        """
+        num_steps = batch["timesteps"].shape[1]
+        train_steps = max(1, round(num_steps * float(self.cfg.get("timestep_fraction", 1.0))))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sums: dict[str, float] = defaultdict(float)
+        count, skipped = 0, 0
+        for _ in range(int(self.cfg["update_epochs"])):
+            order = torch.randperm(len(batch), generator=generator)
+            for rows in torch.tensor_split(order, min(int(self.cfg["num_minibatches"]), len(batch))):
+                mb = batch[rows]
+                steps = torch.randperm(num_steps, generator=generator)[:train_steps].tolist()
+                optimizer.zero_grad(set_to_none=True)
+                step_sums: dict[str, float] = defaultdict(float)
+                finite = True
+                for step in steps:
+                    loss, metrics = self.step_loss(policy, mb, step)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    (loss / len(steps)).backward()
+                    for key, value in {"loss": loss.detach(), **metrics}.items():
+                        step_sums[key] += float(value) / len(steps)
+                if not finite:
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    log.warning("non-finite loss at denoising step %d: minibatch skipped", step)
+                    continue
+                if sync_grads is not None:
+                    sync_grads()
+                step_sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.optim["max_grad_norm"]))
+                optimizer.step()
+                for key, value in step_sums.items():
+                    sums[key] += value
+                count += 1
+        result = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+        result["train/minibatches"] = float(count)
+        result["train/skipped_nonfinite"] = float(skipped)
+        return result
+
+    def learning_rate(self, step: int, total_steps: int) -> float:
+        """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr)."""
+        lr = float(self.optim["lr"])
+        if self.optim.get("anneal_lr", False):
+            lr *= max(0.0, 1.0 - step / max(total_steps, 1))
+        return lr
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller-side state to checkpoint (e.g. DDPO's per-prompt statistics)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores ``state_dict``."""

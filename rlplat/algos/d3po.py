@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
 from rlplat.envs.preference.proxy import preference_labels
 
@@ -69,15 +70,24 @@ def label_pairs(
 ) -> tuple[Batch, dict[str, float]]:
     """Scores both samples with ``source`` and orders each pair as (preferred w, other l).
 
-    Returns the kept pairs as one Batch (``w_latents``, ``w_next_latents``, ``l_latents``,
-    ``l_next_latents``, ``timesteps``, ``w_log_probs``, ``l_log_probs``, ``prompts``) and
-    metrics: mean scores of both samples, kept fraction.
+    Returns the kept pairs as one Batch (see ``order_pairs``) and metrics: mean and std of the
+    scores of both samples, kept fraction.
     """
     prompts = list(first["prompts"])
     score_a = source(first["images"].numpy(), prompts)
     score_b = source(second["images"].numpy(), prompts)
     a_preferred, keep = preference_labels(score_a, score_b, tie_margin, ties, rng)
-    pick = torch.as_tensor(a_preferred)
+    scores = np.concatenate([score_a, score_b])
+    metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
+               "pairs/kept_fraction": float(keep.mean())}
+    return order_pairs(first, second, a_preferred, keep), metrics
+
+
+def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.ndarray) -> Batch:
+    """The kept pairs as (preferred w, other l): ``w_latents``, ``w_next_latents``, ``w_log_probs``,
+    the same with ``l_``, ``timesteps`` and ``prompts``."""
+    prompts = list(first["prompts"])
+    pick = torch.as_tensor(np.asarray(a_preferred, bool))
     rows = torch.as_tensor(np.flatnonzero(keep))
 
     def order(key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,13 +98,9 @@ def label_pairs(
         return w[rows], l_[rows]
 
     fields: dict[str, torch.Tensor] = {"timesteps": first["timesteps"][rows]}
-    for key, name in (("latents", "latents"), ("next_latents", "next_latents"), ("log_probs", "log_probs")):
-        fields[f"w_{name}"], fields[f"l_{name}"] = order(key)
-    kept = Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
-    scores = np.concatenate([score_a, score_b])
-    metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
-               "pairs/kept_fraction": float(keep.mean())}
-    return kept, metrics
+    for key in ("latents", "next_latents", "log_probs"):
+        fields[f"w_{key}"], fields[f"l_{key}"] = order(key)
+    return Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
 
 
 def d3po_step_loss(
@@ -126,3 +132,28 @@ def d3po_step_loss(
             "kl": 0.5 * ((log_ratio_w**2).mean() + (log_ratio_l**2).mean()),
         }
     return loss.mean(), metrics
+
+
+class D3PO(PreferenceAlgorithm):
+    """D3PO on online pairs: two samples per prompt from one x_T, labelled by the preference source."""
+
+    samples_per_prompt = 2
+    share_noise = True
+
+    @property
+    def needs_adapter_reference(self) -> bool:
+        return self.cfg.get("reference", "adapter") == "adapter"
+
+    def prepare(self, traj: Batch, scores: np.ndarray, source: Any, rng: np.random.Generator
+                ) -> tuple[Batch, dict[str, float]]:
+        """Splits the interleaved pairs, labels them and keeps the informative ones."""
+        first, second = traj[0::2], traj[1::2]
+        a_preferred, keep = source.labels(scores[0::2], scores[1::2], rng)
+        gap = np.abs(scores[0::2] - scores[1::2])
+        return order_pairs(first, second, a_preferred, keep), {
+            "pairs/kept_fraction": float(keep.mean()), "pairs/score_gap": float(gap.mean()),
+        }
+
+    def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return d3po_step_loss(policy, mb, step, float(self.cfg["beta"]), float(self.cfg["clip_eps"]),
+                              self.cfg.get("reference", "adapter"))

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlplat.algos.advantages import group_normalized_advantages
+from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.algos.losses import ppo_policy_loss
 from rlplat.batch import Batch
 
@@ -85,3 +87,46 @@ def ddpo_step_loss(
         loss = loss + kl_coef * kl
         metrics["kl"] = kl.detach()
     return loss, metrics
+
+
+ADVANTAGE_MODES = ("per_prompt", "group")
+
+
+class DDPO(PreferenceAlgorithm):
+    """DDPO (``advantage=per_prompt``, running per-prompt statistics) or GRPO for diffusion
+    (``advantage=group``: normalised over the ``group_size`` samples of each prompt)."""
+
+    def __init__(self, **cfg: Any) -> None:
+        super().__init__(**cfg)
+        if cfg["advantage"] not in ADVANTAGE_MODES:
+            raise ValueError(f"algo.advantage={cfg['advantage']!r} must be one of {ADVANTAGE_MODES}")
+        self.samples_per_prompt = int(cfg["group_size"])
+        if cfg["advantage"] == "group" and self.samples_per_prompt < 2:
+            raise ValueError(f"algo.advantage=group needs algo.group_size >= 2 (got {self.samples_per_prompt}): "
+                             f"a group of one image has no baseline")
+        self.tracker = PerPromptStatTracker(cfg["tracker_buffer_size"], cfg["tracker_min_count"])
+
+    @property
+    def needs_adapter_reference(self) -> bool:
+        return float(self.cfg.get("kl_coef", 0.0)) > 0
+
+    def prepare(self, traj: Batch, scores: np.ndarray, source: Any, rng: np.random.Generator
+                ) -> tuple[Batch, dict[str, float]]:
+        """Adds per-image ``advantages`` to the trajectories."""
+        if self.cfg["advantage"] == "group":
+            adv = group_normalized_advantages(torch.as_tensor(scores, dtype=torch.float32), self.samples_per_prompt)
+        else:
+            adv = torch.as_tensor(self.tracker.update(list(traj["prompts"]), scores), dtype=torch.float32)
+        traj = traj.select(*(k for k in traj if k != "images"))
+        traj["advantages"] = adv
+        return traj, {"train/advantage_abs": float(adv.abs().mean())}
+
+    def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return ddpo_step_loss(policy, mb, step, mb["advantages"], float(self.cfg["clip_range"]),
+                              float(self.cfg["adv_clip_max"]), float(self.cfg.get("kl_coef", 0.0)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state.get("tracker", {}))

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.batch import Batch
+
 
 def denoising_loss(
     policy: Any,
@@ -52,3 +55,49 @@ def denoising_loss(
     else:
         raise ValueError(f"prediction_type={kind!r} must be epsilon, v_prediction or sample")
     return F.mse_loss(pred.float(), target.float())
+
+
+class DiffusionSFT(PreferenceAlgorithm):
+    """Denoising-loss (pre)training on the source's captioned demonstrations.
+
+    Each iteration the controller draws ``batch_size x num_minibatches`` fresh demonstrations
+    (the shapes world renders them on the fly, so nothing repeats); the worker takes one
+    optimizer step per minibatch of ``batch_size``.
+    """
+
+    samples_per_prompt = 0
+
+    def check(self, lora_rank: int) -> None:
+        if int(self.cfg["batch_size"]) < 1 or int(self.cfg["num_minibatches"]) < 1:
+            raise ValueError(f"algo.batch_size={self.cfg['batch_size']} and algo.num_minibatches="
+                             f"{self.cfg['num_minibatches']} must be >= 1")
+
+    def update(
+        self,
+        policy: Any,
+        optimizer: torch.optim.Optimizer,
+        batch: Batch,
+        generator: torch.Generator,
+        sync_grads: Any = None,
+    ) -> dict[str, float]:
+        """One optimizer step of ``denoising_loss`` per minibatch of demonstrations."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        images, prompts = batch["images"].numpy(), list(batch["prompts"])
+        losses, norms, skipped = [], [], 0
+        size = int(self.cfg["batch_size"])
+        for start in range(0, len(prompts), size):
+            loss = denoising_loss(policy, images[start:start + size], prompts[start:start + size], generator,
+                                  float(self.cfg["cond_dropout"]))
+            if not torch.isfinite(loss):
+                skipped += 1
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if sync_grads is not None:
+                sync_grads()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.optim["max_grad_norm"])))
+            optimizer.step()
+            losses.append(loss.item())
+        return {"train/loss": float(np.mean(losses)) if losses else float("nan"),
+                "train/grad_norm": float(np.mean(norms)) if norms else float("nan"),
+                "train/minibatches": float(len(losses)), "train/skipped_nonfinite": float(skipped)}

@@ -75,3 +75,14 @@ def test_prompt_split_is_fixed_disjoint_and_covers_every_word_in_train():
     assert {s.count for s in specs} == {1, 2, 3}
     with pytest.raises(ValueError, match="heldout_fraction"):
         prompt_split(1.0)
+
+
+def test_shapes_prompts_give_the_split_and_reproducible_demonstrations():
+    from rlplat.envs.preference.shapes import ShapesFidelity, ShapesPrompts, prompt_split
+
+    prompts = ShapesPrompts(image_size=32)
+    assert (prompts.train_prompts, prompts.eval_prompts) == prompt_split()
+    images, captions = prompts.demonstrations(20, seed=5)
+    again, _ = prompts.demonstrations(20, seed=5)
+    assert images.shape == (20, 32, 32, 3) and np.array_equal(images, again)
+    assert all(ShapesFidelity()(images[i : i + 1], [c]) == 1.0 for i, c in enumerate(captions))

@@ -1,0 +1,131 @@
+"""DiffusionWorker: a text-to-image policy in one process, serving the rollout and actor roles.
+
+The rollout role samples trajectories (``generate``); the actor role owns the optimizer and runs
+the algorithm's update. Colocated roles share one worker; separate rollout workers get the
+trained weights after each update (``get_weights`` / ``set_weights``), as for action policies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_file, save_file
+
+from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.batch import Batch
+from rlplat.runtime.dispatch import Dispatch, register
+from rlplat.runtime.worker import Worker
+from rlplat.workers.policy import OPTIMIZER_FILE, PRETRAINED_DIR, WEIGHTS_FILE
+
+
+class DiffusionWorker(Worker):
+    """Holds a ``TextToImagePolicy`` (and its optimizer when it is an actor).
+
+    Args:
+        policy_cfg: the ``policy`` config (``_target_`` + arguments).
+        algo_cfg: the ``algo`` config (``_target_`` + arguments).
+        roles: roles this worker serves: rollout and/or actor.
+        seed: weight-init and sampling seed.
+        torch_threads: intra-op threads of this process.
+    """
+
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        policy_cfg: dict[str, Any],
+        algo_cfg: dict[str, Any],
+        roles: list[str],
+        seed: int,
+        torch_threads: int = 1,
+    ) -> None:
+        super().__init__(rank, world_size)
+        torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.policy = instantiate(policy_cfg)
+        self.algo: PreferenceAlgorithm = instantiate(algo_cfg)
+        self.roles = set(roles)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if "actor" in self.roles:
+            optim = self.algo.optim
+            self.optimizer = torch.optim.AdamW(
+                self.policy.param_groups(float(optim["lr"])), lr=float(optim["lr"]),
+                eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
+            )
+        self.generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
+
+    # ----------------------------------------------------------------- rollout role
+    @register(Dispatch.SHARD_BY_BATCH)
+    def generate(self, requests: Batch, guidance_scale: float | None = None) -> Batch:
+        """Samples one trajectory per request row.
+
+        ``requests`` holds ``prompts`` (extras), ``noise_seed`` (x_T is drawn from it, so rows with
+        equal seeds start from the same noise, whatever worker they land on) and ``seed`` (the
+        DDIM step noise of the shard is drawn from its first row's seed).
+        """
+        self.policy.eval()
+        latents = torch.stack([
+            torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+            for s in requests["noise_seed"].tolist()
+        ])
+        step_noise = torch.Generator().manual_seed(int(requests["seed"][0]))
+        prompts, size = list(requests["prompts"]), self.policy.sample_batch_size
+        return Batch.concat([
+            self.policy.sample_trajectory(prompts[i:i + size], generator=step_noise, latents=latents[i:i + size],
+                                          guidance_scale=guidance_scale)
+            for i in range(0, len(prompts), size)
+        ])
+
+    # ----------------------------------------------------------------- actor role
+    @register(Dispatch.SHARD_BY_BATCH)
+    def update(self, batch: Batch, lr: float) -> dict[str, float]:
+        """One algorithm update on this rank's rows."""
+        if self.optimizer is None:
+            raise RuntimeError(f"update() called on a worker with roles {sorted(self.roles)}, not actor")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.policy.train()
+        try:
+            return self.algo.update(self.policy, self.optimizer, batch, self.generator)
+        finally:
+            self.policy.eval()
+
+    # ----------------------------------------------------------------- weights and checkpoints
+    @register(Dispatch.RANK_ZERO)
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the trained weights."""
+        return {k: v.detach().cpu().clone() for k, v in self.policy.trainable_state_dict().items()}
+
+    @register(Dispatch.ONE_TO_ALL)
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Loads trained weights (names must match)."""
+        self.policy.load_trainable_state_dict(weights)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def save(self, path: str) -> None:
+        """Weights (safetensors), optimizer and the diffusers-layout export on rank 0; RNG on every rank."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0 and "actor" in self.roles:
+            save_file({k: v.contiguous() for k, v in self.get_weights().items()}, folder / WEIGHTS_FILE)
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+            self.policy.save_pretrained(folder / PRETRAINED_DIR)
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        torch.save(rng, folder / f"rng_{'-'.join(sorted(self.roles))}_rank{self.rank}.pt")
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load(self, path: str) -> None:
+        """Restores what ``save`` wrote."""
+        folder = Path(path)
+        self.policy.load_trainable_state_dict(load_file(folder / WEIGHTS_FILE))
+        if self.optimizer is not None and (folder / OPTIMIZER_FILE).exists():
+            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+        rng_file = folder / f"rng_{'-'.join(sorted(self.roles))}_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["generator"])
