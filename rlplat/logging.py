@@ -89,13 +89,13 @@ class RunLogger:
         if step % self.log_every == 0 or "eval/success_rate" in row or "eval/reward" in row:
             self.console.print(f"step {step:>5}  {summary}", highlight=False)
 
-    def log_media(self, name: str, path: Path) -> None:
-        """Attaches an image or video file to wandb (files are on disk already)."""
+    def log_media(self, name: str, path: Path, step: int | None = None) -> None:
+        """Attaches an image or video file to wandb at ``step`` (files are on disk already)."""
         if self.wandb is not None:
             import wandb
 
             media = wandb.Video(str(path)) if path.suffix in (".gif", ".mp4") else wandb.Image(str(path))
-            self.wandb.log({name: media})
+            self.wandb.log({name: media}, step=step)
 
     def close(self) -> None:
         self.progress.stop()

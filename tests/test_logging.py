@@ -50,6 +50,19 @@ def test_wandb_backend_runs_offline_inside_the_run_dir(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["train/success_rate"] == 0.25
 
 
+def test_wandb_backend_attaches_image_grids(tmp_path):
+    import numpy as np
+
+    from rlplat.logging import save_image_grid
+
+    grid = save_image_grid(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "media" / "eval_step_00000.png")
+    logger = RunLogger(tmp_path, total_steps=1, backend="wandb", mode="offline", progress_bar=False)
+    logger.log_media("eval/samples", grid)
+    logger.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(run.glob("files/media/images/eval/samples_*.png"))
+
+
 def test_unknown_backend_is_refused(tmp_path):
     with pytest.raises(ValueError, match="logger.backend"):
         RunLogger(tmp_path, total_steps=1, backend="tensorboard")

@@ -255,8 +255,9 @@ class TextToImagePolicy(DiffusionPolicy):
                              f"exported as one folder: train with policy.lora.r=0 or export the first run merged")
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        for part in sorted(self.source.iterdir()):
-            if part.name == "unet_lora" or (part.name == "unet" and self.lora_rank == 0):
+        parts = ["text_encoder", "tokenizer", "scheduler", "vae", "model_index.json"] + (["unet"] if self.lora_rank else [])
+        for part in (self.source / name for name in parts):
+            if not part.exists():
                 continue
             if part.is_dir():
                 shutil.copytree(part, save_dir / part.name, dirs_exist_ok=True)

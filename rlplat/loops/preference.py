@@ -176,7 +176,7 @@ class PreferenceLoop:
         scores = self.source.score(images, prompts)
         grid = save_image_grid(images[:GRID_IMAGES], self.run_dir / "media" / f"eval_step_{step:05d}.png",
                                captions=prompts[:GRID_IMAGES])
-        self.logger.log_media("eval/samples", grid)
+        self.logger.log_media("eval/samples", grid, step=step)
         return {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std())}
 
     # ------------------------------------------------------------------ checkpoints

@@ -82,3 +82,21 @@ def test_diffusion_step_bench_runs_both_variants(tmp_path: Path, monkeypatch: py
     assert 0 < lora["trainable_params"] < 0.05 * full["trainable_params"]
     assert full["trainable_params"] == full["unet_params"] == lora["unet_params"] - lora["trainable_params"]
     assert all(v["update_s"] > 0 and v["peak_mb"] > 0 and v["pairs"] == 2 for v in result["variants"])
+
+
+def test_learning_diffusion_bench_runs_before_and_after_from_the_shipped_model(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "learning_diffusion.json"
+    monkeypatch.setenv("RLPLAT_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--algos", "d3po", "--rewards", "jpeg_compressibility", "--seeds", "0", "--steps", "1",
+            "--eval-images", "4", "--set", "policy.num_steps=2", "algo.batch_size=2", "trainer.torch_threads=1",
+            "--out", str(out)]
+    run_main(load_script("learning_diffusion"), argv, monkeypatch)
+    result = json.loads(out.read_text())
+    (row,) = result["runs"]
+    assert row["curve"][0][0] == 0 and row["curve"][-1][0] == 4  # step 0 (before) and after 2 pairs
+    assert row["before"] < 0 and row["after"] < 0  # minus kB
+    summary = result["summary"]["d3po/jpeg_compressibility"]
+    assert summary["gain_mean"] == pytest.approx(row["after"] - row["before"])
+    assert (tmp_path / "learning_diffusion_grids" / "d3po_jpeg_compressibility_before.png").is_file()

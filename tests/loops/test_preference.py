@@ -109,3 +109,14 @@ def test_config_errors_name_the_fix(tmp_path):
     prompts_only.preference.prompts = {"_target_": "rlplat.envs.preference.online.PromptSet", "train": ["a red circle"]}
     with pytest.raises(SystemExit, match="ShapesPrompts"):
         run(prompts_only, tmp_path / "e")
+
+
+@pytest.mark.parametrize("experiment", ["d3po_tiny", "ddpo_tiny"])
+def test_tuning_presets_start_from_the_shipped_pretrained_model(experiment):
+    from pathlib import Path
+
+    cfg = compose([f"experiment={experiment}"])
+    assert cfg.env is None and cfg.preference.score._target_.endswith("ShapesFidelity")
+    assert (Path(cfg.policy.path) / "unet/diffusion_pytorch_model.safetensors").is_file()
+    assert cfg.policy.lora.r == 4 and cfg.trainer.eval_at_start
+    assert check_preference_config(cfg).samples_per_prompt == (2 if experiment == "d3po_tiny" else 4)
