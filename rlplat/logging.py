@@ -77,6 +77,16 @@ class RunLogger:
         self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
         self.progress.start()
 
+    @classmethod
+    def from_config(cls, cfg: Any, run_dir: Path, start_step: int = 0) -> RunLogger:
+        """The logger a run's config asks for (``cfg.logger``, ``cfg.trainer.total_steps``)."""
+        from omegaconf import OmegaConf
+
+        lc = cfg.logger
+        return cls(run_dir, cfg.trainer.total_steps, backend=lc.backend,
+                   config=OmegaConf.to_container(cfg, resolve=True), mode=lc.mode, project=lc.project,
+                   log_every=lc.log_every, progress_bar=lc.progress_bar, start_step=start_step)
+
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Appends a row (with ``step``) and updates the console."""
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

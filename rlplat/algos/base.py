@@ -23,6 +23,14 @@ from rlplat.policies.base import ActionPolicy, EvalOutput
 log = logging.getLogger(__name__)
 
 
+def annealed_lr(optim: dict[str, Any], step: int, total_steps: int) -> float:
+    """``optim["lr"]`` at iteration ``step``, decayed linearly to 0 at ``total_steps`` when ``optim["anneal_lr"]``."""
+    lr = float(optim["lr"])
+    if optim.get("anneal_lr", False):
+        lr *= max(0.0, 1.0 - step / max(total_steps, 1))
+    return lr
+
+
 class BatchArithmeticError(ValueError):
     """Sizes from several config groups do not fit together."""
 
@@ -147,10 +155,7 @@ class Algorithm(abc.ABC):
 
     def learning_rate(self, step: int, total_steps: int) -> float:
         """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr)."""
-        lr = float(self.optim["lr"])
-        if self.optim.get("anneal_lr", False):
-            lr *= max(0.0, 1.0 - step / max(total_steps, 1))
-        return lr
+        return annealed_lr(self.optim, step, total_steps)
 
 
 class PreferenceAlgorithm(abc.ABC):
@@ -256,10 +261,7 @@ class PreferenceAlgorithm(abc.ABC):
 
     def learning_rate(self, step: int, total_steps: int) -> float:
         """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr)."""
-        lr = float(self.optim["lr"])
-        if self.optim.get("anneal_lr", False):
-            lr *= max(0.0, 1.0 - step / max(total_steps, 1))
-        return lr
+        return annealed_lr(self.optim, step, total_steps)
 
     def state_dict(self) -> dict[str, Any]:
         """Controller-side state to checkpoint (e.g. DDPO's per-prompt statistics)."""

@@ -83,12 +83,7 @@ class EmbodiedLoop:
         """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
         tc = self.cfg.trainer
         start = self._restore_or_reset()
-        logger = RunLogger(
-            self.run_dir, tc.total_steps, backend=self.cfg.logger.backend,
-            config=OmegaConf.to_container(self.cfg, resolve=True), mode=self.cfg.logger.mode,
-            project=self.cfg.logger.project, log_every=self.cfg.logger.log_every,
-            progress_bar=self.cfg.logger.progress_bar, start_step=start,
-        )
+        logger = RunLogger.from_config(self.cfg, self.run_dir, start)
         metrics: dict[str, Any] = {}
         try:
             if start == 0 and tc.eval_at_start:

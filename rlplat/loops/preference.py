@@ -34,8 +34,8 @@ GRID_IMAGES = 32
 def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
     """Builds the algorithm and checks it against the policy and placement before Ray starts."""
     algo = instantiate(cfg.algo, _convert_="all")
-    if not isinstance(algo, PreferenceAlgorithm):  # noqa: TRY004 (a config value, reported as config error)
-        raise ValueError(
+    if not isinstance(algo, PreferenceAlgorithm):
+        raise ValueError(  # noqa: TRY004 (a wrong config value: reported as a config error)
             f"algo._target_={cfg.algo._target_} trains action policies in environments, but this run has a "
             f"preference source (preference={cfg.preference._target_}): pick algo=d3po, ddpo or diffusion_sft"
         )
@@ -82,12 +82,7 @@ class PreferenceLoop:
         """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
         tc = self.cfg.trainer
         start = self._restore_or_reset()
-        logger = RunLogger(
-            self.run_dir, tc.total_steps, backend=self.cfg.logger.backend,
-            config=OmegaConf.to_container(self.cfg, resolve=True), mode=self.cfg.logger.mode,
-            project=self.cfg.logger.project, log_every=self.cfg.logger.log_every,
-            progress_bar=self.cfg.logger.progress_bar, start_step=start,
-        )
+        logger = RunLogger.from_config(self.cfg, self.run_dir, start)
         self.logger = logger
         metrics: dict[str, Any] = {}
         try:
