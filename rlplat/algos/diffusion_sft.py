@@ -9,7 +9,7 @@ empty prompt so the same model also predicts unconditionally (classifier-free gu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ class DiffusionSFT(PreferenceAlgorithm):
         optimizer: torch.optim.Optimizer,
         batch: Batch,
         generator: torch.Generator,
-        sync_grads: Any = None,
+        sync_grads: Callable[[], None] | None = None,
     ) -> dict[str, float]:
         """One optimizer step of ``denoising_loss`` per minibatch of demonstrations."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
