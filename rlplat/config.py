@@ -203,6 +203,46 @@ class ToyEnvConfig:
     success_radius: float = 0.1
 
 
+@dataclass
+class ManiSkillEnvConfig:
+    """Constructor arguments of envs/maniskill.py's ManiSkillEnv (see its docstring)."""
+
+    # Class that builds one shard of vector envs.
+    _target_: str = "rlplat.envs.maniskill.ManiSkillEnv"
+    # Parallel training envs in total, split evenly over the env workers.
+    num_envs: int = 16
+    # A registered ManiSkill3 env id (PushCube-v1, PickCube-v1, StackCube-v1, ...).
+    task: str = "PushCube-v1"
+    # state, rgb or rgbd (state and proprio are always returned).
+    obs_mode: str = "state"
+    # ManiSkill controller (pd_ee_delta_pose, pd_joint_delta_pos, ...); null: the task's default.
+    control_mode: str | None = "pd_ee_delta_pose"
+    # sparse, dense or normalized_dense.
+    reward_mode: str = "normalized_dense"
+    # auto (physx_cuda with a GPU, else physx_cpu), physx_cpu or physx_cuda.
+    sim_backend: str = "auto"
+    # CPU path: async (a subprocess per env) or sync (all in the worker process).
+    vector: str = "async"
+    # Camera side in pixels (rgb modes).
+    image_size: int = 128
+    # ManiSkill sensor behind the image key.
+    camera: str = "base_camera"
+    # Sensor behind wrist_image (e.g. hand_camera with robot_uids=panda_wristcam); null: none.
+    wrist_camera: str | None = None
+    # ManiSkill robot id; null: the task's default.
+    robot_uids: str | None = None
+    # Episode limit; null: the task's registered limit.
+    max_episode_steps: int | None = None
+    # Success does not end the episode (episodes always run max_episode_steps).
+    ignore_terminations: bool = False
+    # Language instruction; null: envs/maniskill.py's table or the task docstring.
+    instruction: str | None = None
+    # Side of render() frames (episode videos) in state mode.
+    render_size: int = 256
+    # Start method of the async CPU vector (forkserver, spawn or fork).
+    context: str | None = "forkserver"
+
+
 # --------------------------------------------------------------------------- preference
 
 
@@ -535,6 +575,7 @@ def register_configs() -> None:
     cs.store(group="policy", name="openvla_schema", node=OpenVLAPolicyConfig)
     cs.store(group="policy", name="diffusion_schema", node=DiffusionPolicyConfig)
     cs.store(group="env", name="toy_schema", node=ToyEnvConfig)
+    cs.store(group="env", name="maniskill_schema", node=ManiSkillEnvConfig)
     cs.store(group="preference", name="online_schema", node=OnlinePreferenceConfig)
     cs.store(group="algo", name="ppo_schema", node=PPOConfig)
     cs.store(group="algo", name="grpo_schema", node=GRPOConfig)

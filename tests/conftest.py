@@ -19,6 +19,10 @@ os.environ.update({
     "XDG_CACHE_HOME": os.path.join(_SANDBOX, "cache"),
     "WANDB_DIR": os.path.join(_SANDBOX, "wandb"),
     "OMP_NUM_THREADS": "1",
+    # Simulators: ManiSkill's asset folder and prompt, Mesa's shader cache, MuJoCo off-screen.
+    "MS_ASSET_DIR": os.path.join(_SANDBOX, "maniskill"),
+    "MS_SKIP_ASSET_DOWNLOAD_PROMPT": "1",
+    "MESA_SHADER_CACHE_DISABLE": "true",
 })
 
 

@@ -100,3 +100,20 @@ def test_learning_diffusion_bench_runs_before_and_after_from_the_shipped_model(
     summary = result["summary"]["d3po/jpeg_compressibility"]
     assert summary["gain_mean"] == pytest.approx(row["after"] - row["before"])
     assert (tmp_path / "learning_diffusion_grids" / "d3po_jpeg_compressibility_before.png").is_file()
+
+
+def test_learning_maniskill_bench_records_a_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.simulators import require_simulator
+
+    require_simulator("mani_skill")
+    out = tmp_path / "maniskill.json"
+    run_main(load_script("learning_maniskill"),
+             ["--seeds", "0", "--steps", "2", "--eval-every", "1", "--eval-episodes", "2", "--out", str(out),
+              "--set", "env.num_envs=2", "env.vector=sync", "algo.rollout_steps=10", "algo.num_minibatches=2"],
+             monkeypatch)
+    result = json.loads(out.read_text())
+    points = result["runs"][0]["curve"]
+    # Evaluations at steps 0 (eval_at_start), 1 and 2: 2 envs x 10 steps per iteration.
+    assert [p["env_steps"] for p in points][-2:] == [20, 40]
+    assert all(0.0 <= p["success"] <= 1.0 for p in points) and points[-1]["wall_s"] > points[0]["wall_s"]
+    assert result["table"][-1]["env_steps"] == 40

@@ -1,0 +1,548 @@
+"""ManiSkillEnv: any registered ManiSkill3 task behind the VectorEnv contract, on GPU or CPU.
+
+Two simulator paths, one class:
+
+- ``sim_backend="physx_cuda"``: one batched ManiSkill env with ``num_envs`` scenes on the GPU
+  (thousands of envs per process; partial resets through ManiSkill's ``env_idx`` option).
+- ``sim_backend="physx_cpu"``: SAPIEN's CPU simulator holds one scene per process, so the
+  shard is a gymnasium vector env (``vector="async"``: one subprocess per env; ``"sync"``: all
+  in this process) of single ManiSkill envs, each converted to the contract's numpy
+  observation inside its own process.
+
+``"auto"`` picks ``physx_cuda`` when torch sees a GPU, else ``physx_cpu``.
+
+SAPIEN needs a Vulkan device even for state observations; on a machine without a GPU that is
+Mesa's lavapipe >= 25 (``scripts/setup_system.sh`` installs it). Building an env without one
+fails at once with a message naming that script.
+
+Seeding follows the contract on the CPU path: env i of a shard reset with seed s + i starts
+the same episode as row i of one big env, and auto-resets continue each env's own ManiSkill
+RNG, so sharded and single-process runs match exactly. On the GPU path ManiSkill draws the
+randomisation of one batched reset from a single torch stream (seeded by the first env's
+seed): runs are reproducible but not shard-invariant.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import string
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from rlplat.envs.base import Obs, Seed, VectorEnv
+
+OBS_MODES = ("state", "rgb", "rgbd")
+REWARD_MODES = ("sparse", "dense", "normalized_dense")
+SIM_BACKENDS = ("auto", "physx_cpu", "physx_cuda")
+VECTOR_MODES = ("async", "sync")
+
+#: Language instruction per task id, for VLA prompts. Tasks not listed take the first sentence
+#: of their docstring's "Task Description" (ManiSkill tasks document themselves), or the
+#: ``instruction`` argument.
+INSTRUCTIONS: dict[str, str] = {
+    "PushCube-v1": "push the cube to the red and white target",
+    "PullCube-v1": "pull the cube to the red and white target",
+    "PickCube-v1": "pick up the cube and move it to the goal position",
+    "StackCube-v1": "stack the red cube on top of the green cube",
+    "PokeCube-v1": "use the peg to push the cube to the goal",
+    "PlaceSphere-v1": "place the sphere into the bin",
+    "LiftPegUpright-v1": "lift the peg and stand it upright",
+    "PegInsertionSide-v1": "insert the peg into the hole from the side",
+    "PullCubeTool-v1": "use the tool to pull the cube closer",
+    "PushT-v1": "push the t-shaped block onto the target",
+    "RollBall-v1": "push the ball so it rolls into the goal region",
+    "PlugCharger-v1": "plug the charger into the receptacle",
+    "TwoRobotStackCube-v1": "stack the cubes together with both arms",
+}
+
+SETUP_HINT = (
+    "SAPIEN (ManiSkill3) needs a Vulkan device even for state observations. Without a GPU, "
+    "install Mesa >= 25 lavapipe and the Vulkan loader with `sudo bash scripts/setup_system.sh` "
+    "(Debian 12 and 13), or run on a machine with an NVIDIA driver."
+)
+_INSTRUCTION_MAX_CHARS = 128
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def task_instruction(task: str) -> str:
+    """The language instruction of a registered ManiSkill task (see ``INSTRUCTIONS``)."""
+    if task in INSTRUCTIONS:
+        return INSTRUCTIONS[task]
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+    from mani_skill.utils.registration import REGISTERED_ENVS
+
+    doc = (REGISTERED_ENVS[task].cls.__doc__ or "") if task in REGISTERED_ENVS else ""
+    match = re.search(r"\*\*Task Description:\*\*\s*(.+?)(?:\.\s|\n\s*\n|$)", doc, re.DOTALL)
+    if not match:
+        raise ValueError(
+            f"instruction: task {task!r} has no entry in envs/maniskill.py INSTRUCTIONS and no "
+            "'Task Description' in its docstring; pass env.instruction='...'"
+        )
+    return " ".join(match.group(1).split()).lower()
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _flatten(tree: Any) -> np.ndarray:
+    """Concatenates the leaves of a (nested) dict of [B, ...] arrays into float32 [B, D]."""
+    if isinstance(tree, dict):
+        parts = [_flatten(value) for value in tree.values()]
+        parts = [p for p in parts if p.shape[1] > 0]
+        return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0), np.float32)
+    array = _to_numpy(tree)
+    return array.reshape(array.shape[0], -1).astype(np.float32)
+
+
+def contract_obs(base_env: Any, raw: Any, cameras: dict[str, str], depth: bool) -> Obs:
+    """ManiSkill's batched raw observation -> the contract's numpy keys (no ``instruction``).
+
+    Args:
+        base_env: the unwrapped ManiSkill env (for the agent's proprioception).
+        raw: ``obs`` of an env made with obs mode ``state`` (a flat tensor) or ``<visual>+state``
+            (a dict with ``state`` and ``sensor_data``).
+        cameras: contract key -> ManiSkill camera name (e.g. ``{"image": "base_camera"}``).
+        depth: also return ``<key>_depth`` (float32 metres, [B, H, W, 1]).
+
+    Returns:
+        ``state`` [B, S], ``proprio`` [B, P] (joint positions and velocities) and the camera keys.
+    """
+    out: Obs = {}
+    state = raw["state"] if isinstance(raw, dict) else raw
+    out["state"] = _flatten(state)
+    out["proprio"] = _flatten(base_env.agent.get_proprioception())
+    for key, camera in cameras.items():
+        data = raw["sensor_data"][camera]
+        out[key] = _to_numpy(data["rgb"]).astype(np.uint8)
+        if depth:
+            # ManiSkill depth is int16 millimetres.
+            out[f"{key}_depth"] = _to_numpy(data["depth"]).astype(np.float32) / 1000.0
+    return out
+
+
+def _spaces_of(obs: Obs) -> spaces.Dict:
+    """Single-env spaces of a batched contract observation."""
+    return spaces.Dict({
+        key: spaces.Box(0, 255, value.shape[1:], np.uint8) if value.dtype == np.uint8
+        else spaces.Box(-np.inf, np.inf, value.shape[1:], np.float32)
+        for key, value in obs.items()
+    })
+
+
+def _episode_limit(env: Any, max_episode_steps: int | None) -> int:
+    """The limit ManiSkill's TimeLimitWrapper enforces (the override, else the registered one)."""
+    if max_episode_steps is not None:
+        return int(max_episode_steps)
+    while env is not None:
+        if getattr(env, "_max_episode_steps", None) is not None:
+            return int(env._max_episode_steps)
+        env = getattr(env, "env", None)
+    raise ValueError("max_episode_steps: the task registers no episode limit; set env.max_episode_steps")
+
+
+def _snapshot(base: Any) -> dict[str, Any]:
+    """Simulator state, step counters and ManiSkill's RNGs of an unwrapped env (picklable)."""
+    return {
+        "sim": _to_numpy(base.get_state()),
+        "elapsed_steps": _to_numpy(base._elapsed_steps).copy(),
+        "main_seed": list(base._main_seed), "episode_seed": np.array(base._episode_seed, np.int64),
+        # BatchedRNG proxies every attribute (pickling included) to its RandomStates: keep theirs.
+        "main_rng": [rng.get_state() for rng in base._batched_main_rng.rngs],
+        "episode_rng": [rng.get_state() for rng in base._batched_episode_rng.rngs],
+    }
+
+
+def _restore(base: Any, snap: dict[str, Any]) -> None:
+    import torch
+
+    base.set_state(torch.as_tensor(snap["sim"], device=base.device))
+    base._elapsed_steps[:] = torch.as_tensor(snap["elapsed_steps"], device=base.device)
+    base._main_seed, base._episode_seed = list(snap["main_seed"]), np.array(snap["episode_seed"], np.int64)
+    from mani_skill.envs.utils.randomization.batched_rng import BatchedRNG
+
+    def rngs(states: list) -> BatchedRNG:
+        out = [np.random.RandomState() for _ in states]
+        for rng, state in zip(out, states, strict=True):
+            rng.set_state(state)
+        return BatchedRNG.from_rngs(out)
+
+    base._batched_main_rng, base._batched_episode_rng = rngs(snap["main_rng"]), rngs(snap["episode_rng"])
+    base._main_rng, base._episode_rng = base._batched_main_rng[0], base._batched_episode_rng[0]
+
+
+def make_maniskill(task: str, sim_backend: str, num_envs: int, obs_mode: str, control_mode: str | None,
+                   reward_mode: str, image_size: int, robot_uids: str | None,
+                   max_episode_steps: int | None, render_size: int) -> Any:
+    """``gymnasium.make`` of a ManiSkill task with the contract's settings (raises with a hint)."""
+    os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "1")
+    import mani_skill.envs  # noqa: F401  (registers the tasks)
+
+    kwargs: dict[str, Any] = {
+        "num_envs": num_envs,
+        "obs_mode": "state" if obs_mode == "state" else f"{obs_mode}+state",
+        "reward_mode": reward_mode,
+        "sim_backend": sim_backend,
+        "render_backend": "gpu" if sim_backend == "physx_cuda" else "cpu",
+        "render_mode": "rgb_array",
+        # Unseeded (auto-)resets draw from the env's own seeded RNG instead of torch's global one.
+        "enhanced_determinism": True,
+        "sensor_configs": {"width": image_size, "height": image_size},
+        "human_render_camera_configs": {"width": render_size, "height": render_size},
+    }
+    if control_mode is not None:
+        kwargs["control_mode"] = control_mode
+    if robot_uids is not None:
+        kwargs["robot_uids"] = robot_uids
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = max_episode_steps
+    try:
+        return gymnasium.make(task, **kwargs)
+    except RuntimeError as err:
+        text = str(err)
+        if "rendering device" in text or "Vulkan" in text or "vk::" in text:
+            raise RuntimeError(f"{text}\n{SETUP_HINT}") from err
+        if 'device "cuda"' in text:
+            raise RuntimeError(
+                f"{text}\nsim_backend: physx_cuda needs an NVIDIA GPU; use env.sim_backend=physx_cpu "
+                "(or auto) on this machine."
+            ) from err
+        raise
+
+
+class SingleManiSkill(gymnasium.Env):
+    """One CPU ManiSkill env with unbatched contract observations (runs inside a vector worker).
+
+    Auto-reset is left to the owner (``reset(options={"reset_mask": ...})`` of the vector env),
+    so ``success`` is read before any reset. ``snapshot``/``restore`` give the exact simulator
+    state, ManiSkill's RNGs and the step counter, for checkpoints.
+    """
+
+    def __init__(self, cameras: dict[str, str], depth: bool, **make_kwargs: Any) -> None:
+        self.env = make_maniskill(num_envs=1, **make_kwargs)
+        self.base = self.env.unwrapped
+        self.cameras = dict(cameras)
+        self.depth = depth
+        raw, _ = self.env.reset(seed=0)
+        obs = contract_obs(self.base, raw, self.cameras, depth)
+        self.observation_space = _spaces_of(obs)
+        self.action_space = self.base.single_action_space
+        self.max_episode_steps = _episode_limit(self.env, make_kwargs["max_episode_steps"])
+
+    def _obs(self, raw: Any) -> Obs:
+        return {k: v[0] for k, v in contract_obs(self.base, raw, self.cameras, self.depth).items()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
+        raw, _ = self.env.reset(seed=seed)
+        return self._obs(raw), {}
+
+    def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
+        raw, reward, terminated, truncated, info = self.env.step(np.asarray(action, np.float32)[None])
+        success = bool(_to_numpy(info["success"]).reshape(-1)[0]) if "success" in info else False
+        return (self._obs(raw), float(_to_numpy(reward).reshape(-1)[0]), bool(_to_numpy(terminated)[0]),
+                bool(_to_numpy(truncated)[0]), {"success": success})
+
+    def render(self) -> np.ndarray:
+        return _to_numpy(self.env.render())[0].astype(np.uint8)
+
+    def snapshot(self) -> dict[str, Any]:
+        return _snapshot(self.base)
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        _restore(self.base, snap)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _single(cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -> SingleManiSkill:
+    return SingleManiSkill(cameras, depth, **make_kwargs)
+
+
+class ManiSkillEnv(VectorEnv):
+    """A registered ManiSkill3 task (e.g. PushCube-v1) as a contract VectorEnv.
+
+    **Task Description:** the task's own (see its ManiSkill docstring); ``instruction`` holds the
+    language version from ``INSTRUCTIONS`` (or the task docstring, or the ``instruction`` arg).
+
+    **Randomizations / Success Conditions:** the task's own. ``info["success"]`` is ManiSkill's
+    success flag at this step; tasks terminate on success unless ``ignore_terminations``.
+
+    **Observations** (dict, leading dim N):
+    - ``state`` float32 [N, S]: ManiSkill's flattened state observation (agent qpos/qvel and
+      the privileged task extras such as object and goal poses), in every obs mode.
+    - ``proprio`` float32 [N, P]: the robot's joint positions and velocities.
+    - ``image`` uint8 [N, H, W, 3] (``rgb``/``rgbd``): ``camera``; ``wrist_image`` when
+      ``wrist_camera`` is set; ``*_depth`` float32 [N, H, W, 1] in metres with ``rgbd``.
+    - ``instruction`` object [N] of str.
+
+    **Actions:** the controller's (``control_mode``, e.g. ``pd_ee_delta_pose``: 7-dim delta
+    end-effector pose + gripper; ``pd_joint_delta_pos``: 8-dim), in [-1, 1].
+
+    **Rewards:** ManiSkill's ``reward_mode``: sparse (success), dense, or normalized_dense
+    (dense scaled to [0, 1] per step).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_envs: int = 16,
+        task: str = "PushCube-v1",
+        obs_mode: str = "state",
+        control_mode: str | None = "pd_ee_delta_pose",
+        reward_mode: str = "normalized_dense",
+        sim_backend: str = "auto",
+        vector: str = "async",
+        image_size: int = 128,
+        camera: str = "base_camera",
+        wrist_camera: str | None = None,
+        robot_uids: str | None = None,
+        max_episode_steps: int | None = None,
+        ignore_terminations: bool = False,
+        instruction: str | None = None,
+        render_size: int = 256,
+        context: str | None = "forkserver",
+    ) -> None:
+        """Builds a shard of ``num_envs`` envs of ``task``; call ``reset`` before ``step``.
+
+        Args:
+            num_envs: Envs in this shard, >= 1.
+            task: A registered ManiSkill3 env id (``PushCube-v1``, ``PickCube-v1``, ...).
+            obs_mode: "state", "rgb" or "rgbd" (state and proprio are always returned).
+            control_mode: ManiSkill controller name; None keeps the task's default.
+            reward_mode: "sparse", "dense" or "normalized_dense".
+            sim_backend: "auto", "physx_cpu" or "physx_cuda".
+            vector: CPU path only: "async" (a subprocess per env) or "sync" (in this process).
+            image_size: Camera side in pixels (rgb modes).
+            camera: ManiSkill sensor behind ``image``.
+            wrist_camera: Sensor behind ``wrist_image`` (e.g. "hand_camera" with
+                ``robot_uids="panda_wristcam"``); None for none.
+            robot_uids: ManiSkill robot id; None keeps the task's default.
+            max_episode_steps: Episode limit; None keeps the task's registered limit.
+            ignore_terminations: Run every episode to ``max_episode_steps`` (success does not
+                end it; ManiSkill's GPU PPO baseline trains this way).
+            instruction: Overrides the task's language instruction.
+            render_size: Side of ``render()`` frames (episode videos) in state mode.
+            context: multiprocessing start method of the async CPU vector ("forkserver", "spawn",
+                "fork"); scripts that build async envs need an ``if __name__ == "__main__":``
+                guard with forkserver or spawn.
+
+        Raises:
+            ValueError: If an argument is out of range; the message names it.
+            RuntimeError: Without a Vulkan device (message points to scripts/setup_system.sh) or
+                with physx_cuda and no GPU.
+        """
+        _check(isinstance(num_envs, int) and num_envs >= 1, "num_envs", f"must be an int >= 1, got {num_envs!r}")
+        _check(obs_mode in OBS_MODES, "obs_mode", f"must be one of {OBS_MODES}, got {obs_mode!r}")
+        _check(reward_mode in REWARD_MODES, "reward_mode", f"must be one of {REWARD_MODES}, got {reward_mode!r}")
+        _check(sim_backend in SIM_BACKENDS, "sim_backend", f"must be one of {SIM_BACKENDS}, got {sim_backend!r}")
+        _check(vector in VECTOR_MODES, "vector", f"must be one of {VECTOR_MODES}, got {vector!r}")
+        _check(isinstance(image_size, int) and image_size >= 16, "image_size", f"must be an int >= 16, got {image_size!r}")
+        os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "1")
+        import mani_skill.envs  # noqa: F401
+        from mani_skill.utils.registration import REGISTERED_ENVS
+
+        _check(task in REGISTERED_ENVS, "task",
+               f"{task!r} is not a registered ManiSkill3 env; e.g. {sorted(REGISTERED_ENVS)[:8]} ...")
+        if sim_backend == "auto":
+            import torch
+
+            sim_backend = "physx_cuda" if torch.cuda.is_available() else "physx_cpu"
+        self.task = task
+        self.obs_mode = obs_mode
+        self.sim_backend = sim_backend
+        self.ignore_terminations = bool(ignore_terminations)
+        self.instruction = instruction if instruction is not None else task_instruction(task)
+        cameras = {} if obs_mode == "state" else {"image": camera}
+        if wrist_camera is not None and obs_mode != "state":
+            cameras["wrist_image"] = wrist_camera
+        make_kwargs = {
+            "task": task, "sim_backend": sim_backend, "obs_mode": obs_mode, "control_mode": control_mode,
+            "reward_mode": reward_mode, "image_size": image_size, "robot_uids": robot_uids,
+            "max_episode_steps": max_episode_steps, "render_size": render_size,
+        }
+        if sim_backend == "physx_cuda":
+            self._sim: _Batched | _PerProcess = _Batched(num_envs, cameras, obs_mode == "rgbd", make_kwargs)
+        else:
+            self._sim = _PerProcess(num_envs, cameras, obs_mode == "rgbd", make_kwargs, vector, context)
+        single = dict(self._sim.observation_space.spaces)
+        single["instruction"] = spaces.Text(_INSTRUCTION_MAX_CHARS, charset=string.printable)
+        super().__init__(
+            num_envs=num_envs,
+            max_episode_steps=self._sim.max_episode_steps,
+            single_observation_space=spaces.Dict(single),
+            single_action_space=self._sim.action_space,
+        )
+        self._ep_return = np.zeros(num_envs, np.float64)
+        self._ep_length = np.zeros(num_envs, np.int64)
+        self._last_obs: Obs | None = None
+
+    def _with_instruction(self, obs: Obs) -> Obs:
+        obs["instruction"] = np.array([self.instruction] * self.num_envs, dtype=object)
+        return obs
+
+    def reset(self, *, seed: Seed = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
+        obs = self._sim.reset(self._seeds(seed))
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
+        self._last_obs = self._with_instruction(obs)
+        return self._last_obs, {}
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        actions = np.asarray(actions, np.float32)
+        _check(actions.shape == self.action_space.shape, "actions",
+               f"expected shape {self.action_space.shape}, got {actions.shape}")
+        obs, reward, terminated, truncated, success = self._sim.step(actions)
+        if self.ignore_terminations:
+            terminated = np.zeros_like(terminated)
+        self._ep_return += reward
+        self._ep_length += 1
+        done = terminated | truncated
+        info: dict[str, Any] = {
+            "success": success,
+            "done": done,
+            "episode_return": np.where(done, self._ep_return, 0.0).astype(np.float32),
+            "episode_length": np.where(done, self._ep_length, 0),
+            "final_obs": self._with_instruction({k: v.copy() for k, v in obs.items()}),
+        }
+        if done.any():
+            fresh = self._sim.reset_rows(done)
+            for key, value in fresh.items():
+                obs[key][done] = value[done]
+            self._ep_return[done] = 0.0
+            self._ep_length[done] = 0
+        self._last_obs = self._with_instruction(obs)
+        return self._last_obs, reward.astype(np.float32), terminated, truncated, info
+
+    def render(self, index: int = 0) -> np.ndarray:
+        if self._last_obs is not None and "image" in self._last_obs:
+            return self._last_obs["image"][index]
+        return self._sim.render(index)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"sim": self._sim.snapshot(), "ep_return": self._ep_return.copy(),
+                "ep_length": self._ep_length.copy(), "last_obs": self._last_obs}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._sim.restore(state["sim"])
+        self._ep_return[:] = state["ep_return"]
+        self._ep_length[:] = state["ep_length"]
+        self._last_obs = state["last_obs"]
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self._sim.close()
+
+
+class _PerProcess:
+    """CPU path: a gymnasium vector env of SingleManiSkill (one scene per process)."""
+
+    def __init__(self, num_envs: int, cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any],
+                 vector: str, context: str | None) -> None:
+        fns = [functools.partial(_single, cameras, depth, make_kwargs) for _ in range(num_envs)]
+        mode = gymnasium.vector.AutoresetMode.DISABLED
+        if vector == "async":
+            self.vec = gymnasium.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
+        else:
+            self.vec = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+        self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
+
+    def reset(self, seeds: list[int]) -> Obs:
+        obs, _ = self.vec.reset(seed=seeds)
+        return {k: np.array(v) for k, v in obs.items()}
+
+    def reset_rows(self, mask: np.ndarray) -> Obs:
+        # No seed: each env continues its own ManiSkill RNG, as one big env would.
+        obs, _ = self.vec.reset(options={"reset_mask": np.asarray(mask, bool)})
+        return {k: np.array(v) for k, v in obs.items()}
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        obs, reward, terminated, truncated, info = self.vec.step(actions)
+        success = np.asarray(info.get("success", np.zeros(len(reward), bool)), bool)
+        return ({k: np.array(v) for k, v in obs.items()}, np.asarray(reward, np.float64),
+                np.asarray(terminated, bool), np.asarray(truncated, bool), success)
+
+    def render(self, index: int) -> np.ndarray:
+        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
+            return self.vec.envs[index].render()
+        return self.vec.call("render")[index]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return list(self.vec.call("snapshot"))
+
+    def restore(self, snaps: list[dict[str, Any]]) -> None:
+        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
+            for env, snap in zip(self.vec.envs, snaps, strict=True):
+                env.restore(snap)
+            return
+        for pipe, snap in zip(self.vec.parent_pipes, snaps, strict=True):
+            pipe.send(("_call", ("restore", (snap,), {})))
+        for pipe in self.vec.parent_pipes:
+            _, ok = pipe.recv()
+            if not ok:
+                raise RuntimeError("ManiSkillEnv.set_state: a sub-env failed to restore its snapshot")
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+class _Batched:
+    """GPU path: one ManiSkill env with all scenes batched on the GPU (physx_cuda)."""
+
+    def __init__(self, num_envs: int, cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -> None:
+        self.env = make_maniskill(num_envs=num_envs, **make_kwargs)
+        self.base = self.env.unwrapped
+        self.cameras, self.depth = dict(cameras), depth
+        raw, _ = self.env.reset(seed=list(range(num_envs)))
+        obs = contract_obs(self.base, raw, self.cameras, depth)
+        self.observation_space = _spaces_of(obs)
+        self.action_space = self.base.single_action_space
+        self.max_episode_steps = _episode_limit(self.env, make_kwargs["max_episode_steps"])
+
+    def _obs(self, raw: Any) -> Obs:
+        return contract_obs(self.base, raw, self.cameras, self.depth)
+
+    def reset(self, seeds: list[int]) -> Obs:
+        raw, _ = self.env.reset(seed=seeds)
+        return self._obs(raw)
+
+    def reset_rows(self, mask: np.ndarray) -> Obs:
+        import torch
+
+        idx = torch.as_tensor(np.flatnonzero(mask), device=self.base.device)
+        raw, _ = self.env.reset(options={"env_idx": idx})
+        return self._obs(raw)
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+
+        raw, reward, terminated, truncated, info = self.env.step(torch.as_tensor(actions, device=self.base.device))
+        n = len(actions)
+        success = _to_numpy(info["success"]).astype(bool) if "success" in info else np.zeros(n, bool)
+        return (self._obs(raw), _to_numpy(reward).astype(np.float64), _to_numpy(terminated).astype(bool),
+                _to_numpy(truncated).astype(bool), success)
+
+    def render(self, index: int) -> np.ndarray:
+        return _to_numpy(self.env.render())[index].astype(np.uint8)
+
+    def snapshot(self) -> dict[str, Any]:
+        return _snapshot(self.base)
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        _restore(self.base, snap)
+
+    def close(self) -> None:
+        self.env.close()
+

@@ -1,0 +1,175 @@
+"""ManiSkill3 behind the VectorEnv contract, on the CPU simulator (physx_cpu + lavapipe Vulkan)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.simulators import require_simulator
+
+require_simulator("mani_skill")
+
+from rlplat.batch import Batch
+from rlplat.envs.maniskill import ManiSkillEnv, task_instruction
+from rlplat.workers.env import EnvWorker
+
+# Short episodes so auto-reset happens inside a test; sync vector (no subprocesses) unless the
+# test is about the async path.
+SMALL = {"task": "PushCube-v1", "max_episode_steps": 6, "vector": "sync", "sim_backend": "physx_cpu"}
+
+
+def _actions(n: int, steps: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (steps, n, 7)).astype(np.float32)
+
+
+def test_pushcube_state_reset_step_contract():
+    env = ManiSkillEnv(num_envs=2, **SMALL)
+    obs, _ = env.reset(seed=3)
+    assert obs["state"].shape == (2, 35) and obs["state"].dtype == np.float32
+    assert obs["proprio"].shape == (2, 18)  # Panda: 9 joint positions + 9 velocities
+    assert list(obs["instruction"]) == ["push the cube to the red and white target"] * 2
+    assert "image" not in obs
+    assert env.single_action_space.shape == (7,) and env.max_episode_steps == 6
+    # Different seeds, different cube positions (state holds the object pose).
+    assert not np.allclose(obs["state"][0], obs["state"][1])
+    returns = np.zeros(2)
+    for t, action in enumerate(_actions(2, 6)):
+        obs, reward, _, truncated, info = env.step(action)
+        assert reward.dtype == np.float32 and np.all((reward >= 0) & (reward <= 1))  # normalized_dense
+        assert info["success"].dtype == bool and not info["success"].any()  # random arms do not push
+        returns += reward
+    # Episode 1 ended at step 6 on both rows: truncated, stats reported, obs already reset.
+    assert truncated.all() and info["done"].all()
+    np.testing.assert_array_equal(info["episode_length"], [6, 6])
+    np.testing.assert_allclose(info["episode_return"], returns, rtol=1e-5)
+    assert not np.allclose(info["final_obs"]["state"], obs["state"])
+    env.close()
+
+
+def test_pushcube_rgb_images_and_render():
+    env = ManiSkillEnv(num_envs=1, obs_mode="rgb", image_size=64, **SMALL)
+    obs, _ = env.reset(seed=0)
+    image = obs["image"]
+    assert image.shape == (1, 64, 64, 3) and image.dtype == np.uint8
+    assert image.std() > 10  # a rendered scene, not a blank frame
+    # Row 0 is the top of the picture: the table (lower half) is brighter than the dark sky.
+    assert image[0, 48:].mean() > image[0, :16].mean()
+    moved = env.step(np.ones((1, 7), np.float32))[0]["image"]
+    assert not np.array_equal(moved, image)  # the arm moved in view
+    np.testing.assert_array_equal(env.render(0), moved[0])
+    env.close()
+
+
+def test_state_mode_render_uses_the_human_camera():
+    env = ManiSkillEnv(num_envs=1, render_size=48, **SMALL)
+    env.reset(seed=0)
+    frame = env.render(0)
+    assert frame.shape == (48, 48, 3) and frame.dtype == np.uint8 and frame.std() > 5
+    env.close()
+
+
+def test_async_vector_matches_sync():
+    actions = _actions(2, 8)
+    runs = []
+    for vector in ("sync", "async"):
+        env = ManiSkillEnv(num_envs=2, **{**SMALL, "vector": vector})
+        states = [env.reset(seed=11)[0]["state"]] + [env.step(a)[0]["state"] for a in actions]
+        env.close()
+        runs.append(np.stack(states))
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_envworker_shards_equal_one_worker():
+    cfg = {"_target_": "rlplat.envs.maniskill.ManiSkillEnv", **SMALL}
+    one = EnvWorker(0, 1, env_cfg=cfg, num_envs=4, num_eval_envs=2)
+    shards = [EnvWorker(r, 2, env_cfg=cfg, num_envs=4, num_eval_envs=2) for r in range(2)]
+    seeds = Batch({"seed": torch.arange(40, 44)})
+    a = one.reset(seeds)
+    b = Batch.concat([w.reset(s) for w, s in zip(shards, seeds.chunk(2))])
+    torch.testing.assert_close(a["state"], b["state"], rtol=0, atol=0)
+    # Across an auto-reset (episodes of 6): the new episodes continue each env's own RNG.
+    for action in _actions(4, 9, seed=1):
+        actions = Batch({"actions": torch.as_tensor(action)})
+        a = one.step(actions)
+        b = Batch.concat([w.step(x) for w, x in zip(shards, actions.chunk(2))])
+        for key in ("state", "proprio", "rewards", "truncated", "success", "final/state"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    for worker in [one, *shards]:
+        for env in worker.envs.values():
+            env.close()
+
+
+def test_state_round_trip_continues():
+    env = ManiSkillEnv(num_envs=2, **SMALL)
+    env.reset(seed=5)
+    actions = _actions(2, 12, seed=2)
+    env.step(actions[0])
+    snapshot = pickle.loads(pickle.dumps(env.get_state()))  # checkpoints pickle it
+    first = [env.step(a)[0]["state"] for a in actions[1:]]
+    env.set_state(snapshot)
+    again = [env.step(a)[0]["state"] for a in actions[1:]]
+    # PhysX's solver warm-start caches are not part of the state: equal to float precision
+    # within the episode, and exactly equal after the auto-reset (the RNGs are restored).
+    np.testing.assert_allclose(np.stack(first[:4]), np.stack(again[:4]), atol=1e-4)
+    np.testing.assert_array_equal(np.stack(first[5:]), np.stack(again[5:]))
+    env.close()
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="task: 'PushKube-v1' is not a registered"):
+        ManiSkillEnv(num_envs=1, task="PushKube-v1")
+    with pytest.raises(ValueError, match="obs_mode"):
+        ManiSkillEnv(num_envs=1, obs_mode="pointcloud")
+    with pytest.raises(ValueError, match="actions: expected shape"):
+        env = ManiSkillEnv(num_envs=1, **SMALL)
+        env.reset(seed=0)
+        env.step(np.zeros((1, 8), np.float32))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_physx_cuda_without_gpu_says_what_to_do():
+    with pytest.raises(RuntimeError, match="sim_backend: physx_cuda needs an NVIDIA GPU"):
+        ManiSkillEnv(num_envs=2, task="PushCube-v1", sim_backend="physx_cuda")
+
+
+def test_missing_vulkan_points_to_the_setup_script(tmp_path):
+    icd = tmp_path / "none.json"
+    icd.write_text('{"file_format_version": "1.0.0", "ICD": {"library_path": "/nonexistent.so", "api_version": "1.3.0"}}')
+    code = ("from rlplat.envs.maniskill import ManiSkillEnv\n"
+            "ManiSkillEnv(num_envs=1, task='PushCube-v1', sim_backend='physx_cpu', vector='sync')\n")
+    env = {**os.environ, "VK_ICD_FILENAMES": str(icd), "VK_DRIVER_FILES": str(icd)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert "scripts/setup_system.sh" in result.stderr
+
+
+def test_instruction_falls_back_to_the_task_docstring():
+    assert task_instruction("PushCube-v1") == "push the cube to the red and white target"
+    # Not in the table: the first sentence of the task's "Task Description", lower-cased.
+    assert task_instruction("OpenCabinetDrawer-v1").startswith("use the fetch mobile manipulation robot")
+
+
+@pytest.mark.parametrize("policy,obs_mode", [("mlp", "state"), ("cnn", "rgb")])
+def test_ppo_runs_through_the_platform(ray_local, tmp_path, policy, obs_mode):
+    from rlplat.config import compose
+    from rlplat.logging import read_metrics
+    from rlplat.train import run
+
+    cfg = compose([
+        f"policy={policy}", "env=maniskill_pushcube", "algo=ppo", f"env.obs_mode={obs_mode}", "env.image_size=64",
+        "env.num_envs=2", "env.max_episode_steps=8", "env.vector=sync", "algo.rollout_steps=8",
+        "algo.num_minibatches=2", "trainer.total_steps=2", "trainer.eval_every=2", "trainer.eval_episodes=2",
+        "trainer.checkpoint_every=2", "logger.progress_bar=false",
+    ])
+    final = run(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["env_steps"] for r in rows if r["step"] > 0] == [16, 32]
+    assert 0.0 <= final["eval/success_rate"] <= 1.0 and np.isfinite(rows[-1]["train/loss"])
+    assert (tmp_path / "checkpoints/step_2/policy/model.safetensors").exists()
+    assert (tmp_path / "media/episode.gif").stat().st_size > 0
