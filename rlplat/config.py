@@ -39,6 +39,16 @@ class MLPPolicyConfig:
 
 
 @dataclass
+class ConstantPolicyConfig:
+    """The same action on every row (policies/constant.py): no-op runs and overhead benchmarks."""
+
+    # Class that builds the policy.
+    _target_: str = "rlplat.policies.constant.ConstantPolicy"
+    # The action, broadcast to the action shape (0: no-op for delta controllers).
+    value: float = 0.0
+
+
+@dataclass
 class OpenVLATinyConfig:
     """Shape of the random-init tiny OpenVLA (built once, cached, loaded with from_pretrained)."""
 
@@ -464,6 +474,9 @@ class PlacementConfig:
     roles: dict[str, str] = field(
         default_factory=lambda: {"env": "0", "rollout": "0", "actor": "0"}
     )
+    # Env pipeline stages: K > 1 splits the envs into K groups stepped in turn, so one stage
+    # simulates while the policy acts for another (pipelined rollout); 1: all envs step together.
+    pipeline_stages: int = 1
 
 
 # --------------------------------------------------------------------------- logger
@@ -572,6 +585,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="policy", name="mlp_schema", node=MLPPolicyConfig)
+    cs.store(group="policy", name="constant_schema", node=ConstantPolicyConfig)
     cs.store(group="policy", name="openvla_schema", node=OpenVLAPolicyConfig)
     cs.store(group="policy", name="diffusion_schema", node=DiffusionPolicyConfig)
     cs.store(group="env", name="toy_schema", node=ToyEnvConfig)

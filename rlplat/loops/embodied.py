@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from rlplat.logging import (
 from rlplat.policies.openvla.action_tokenizer import compute_stats
 from rlplat.runtime.placement import Placement, PlacementSpec, parse_devices
 from rlplat.runtime.worker_group import WorkerGroup
-from rlplat.workers.env import EnvWorker
+from rlplat.workers.env import EnvStages, EnvWorker
 from rlplat.workers.policy import PolicyWorker
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def check_config(cfg: DictConfig) -> Algorithm:
     algo.check(
         num_envs=cfg.env.num_envs,
         max_episode_steps=cfg.env.max_episode_steps,
-        num_env_workers=len(parse_devices(roles.env)),
+        num_env_workers=len(parse_devices(roles.env)) * int(cfg.placement.get("pipeline_stages", 1)),
         num_actor_workers=len(parse_devices(roles.actor)),
     )
     return algo
@@ -74,6 +75,8 @@ class EmbodiedLoop:
         self.rng = np.random.default_rng(cfg.seed)
         self._build_workers()
         self.num_steps = self.algo.rollout_steps(self.max_episode_steps)
+        # Pipelined rollout: env stages overlap with policy inference (not for scripted experts).
+        self.pipelined = self.envs.stages > 1 and not self.algo.uses_expert
         self.obs: Batch | None = None
         # Action statistics computed from demonstrations (SFT), once per run.
         self.action_stats: dict[str, Any] | None = None
@@ -120,14 +123,9 @@ class EmbodiedLoop:
             self.obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}))
         records, ended = [], torch.zeros(self.num_envs, dtype=torch.bool)
         returns, lengths, successes = [], [], []
-        for _ in range(self.num_steps):
-            if self.algo.uses_expert:
-                out, executed = self._expert_step()
-            else:
-                out = self.rollout.act(self.obs, deterministic=False)
-                executed = out.select("actions")
-            result = self.envs.step(executed)
-            record = self.obs.select(*self.obs_keys)
+        transitions = self._pipelined_steps() if self.pipelined else self._steps()
+        for obs, out, result in transitions:
+            record = obs.select(*self.obs_keys)
             record.update(out)
             record.update(result.select(*_EPISODE_KEYS))
             done = result["terminated"] | result["truncated"]
@@ -140,7 +138,6 @@ class EmbodiedLoop:
             successes.append(result["success"][counted].float())
             ended |= done
             records.append(record)
-            self.obs = result.select(*self.obs_keys)
         batch = Batch.concat(records)
         if self.algo.uses_expert and self.algo.cfg.get("compute_action_stats") and self.action_stats is None:
             self.set_action_stats(batch["actions"].numpy())
@@ -155,6 +152,39 @@ class EmbodiedLoop:
                 "train/success_rate": float(stats["success"].mean()),
             }
         return batch, metrics
+
+    def _steps(self) -> Iterator[tuple[Batch, Batch, Batch]]:
+        """``num_steps`` times: act on every env, step every env; yields (obs, policy out, result)."""
+        for _ in range(self.num_steps):
+            if self.algo.uses_expert:
+                out, executed = self._expert_step()
+            else:
+                out = self.rollout.act(self.obs, deterministic=False)
+                executed = out.select("actions")
+            result = self.envs.step(executed)
+            yield self.obs, out, result
+            self.obs = result.select(*self.obs_keys)
+
+    def _pipelined_steps(self) -> Iterator[tuple[Batch, Batch, Batch]]:
+        """Like ``_steps``, with the envs in K stages: while stage k simulates, the policy acts for
+        stage k+1, so simulation and inference overlap (placement.pipeline_stages)."""
+        stages = self.envs.stages
+        obs = self.envs.stage_rows(self.obs)
+        outs: list[Batch | None] = [None] * stages
+        calls: list[Any] = [None] * stages
+        for t in range(self.num_steps + 1):
+            done_step = []
+            for k in range(stages):
+                if t > 0:
+                    result = calls[k].get()
+                    done_step.append((obs[k], outs[k], result))
+                    obs[k] = result.select(*self.obs_keys)
+                if t < self.num_steps:
+                    outs[k] = self.rollout.act(obs[k], deterministic=False)
+                    calls[k] = self.envs.step_async(k, outs[k].select("actions"))
+            if t > 0:
+                yield tuple(Batch.concat(list(parts)) for parts in zip(*done_step))
+        self.obs = Batch.concat(obs)
 
     def _expert_step(self) -> tuple[Batch, Batch]:
         """The expert's clean actions (the labels) and the noisy ones the envs execute."""
@@ -268,17 +298,20 @@ class EmbodiedLoop:
         self.placement = Placement(PlacementSpec.from_config(pc), never_fuse={"env"})
         threads = cfg.trainer.torch_threads
         env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.envs = WorkerGroup(
-            EnvWorker, self.placement.devices("env"), self.placement, self.placement.share("env"),
-            init_kwargs={
-                "env_cfg": OmegaConf.to_container(cfg.env, resolve=True),
-                "num_envs": self.num_envs,
-                "num_eval_envs": cfg.trainer.eval_episodes,
-                "include_final_obs": self.algo.needs_final_values,
-                "torch_threads": threads,
-            },
-            name="env", env_vars=env_vars,
-        )
+        stages = int(pc.get("pipeline_stages", 1))
+        env_kwargs = {
+            "env_cfg": OmegaConf.to_container(cfg.env, resolve=True),
+            "include_final_obs": self.algo.needs_final_values,
+            "torch_threads": threads,
+        }
+
+        def env_group(sizes: dict[str, int], name: str) -> WorkerGroup:
+            # Pipeline stages on the same devices split the env role's share between them.
+            return WorkerGroup(EnvWorker, self.placement.devices("env"), self.placement,
+                               self.placement.share("env") / stages, init_kwargs={**env_kwargs, **sizes},
+                               name=name, env_vars=env_vars)
+
+        self.envs = EnvStages(env_group, stages, self.num_envs, cfg.trainer.eval_episodes)
         spec = self.envs.spec()
         self.max_episode_steps = spec["max_episode_steps"]
         self.obs_keys = list(spec["observation_space"].spaces)

@@ -112,3 +112,94 @@ class EnvWorker(Worker):
     def set_state(self, states: list[dict[str, Any]]) -> None:
         """Restores this rank's entry of ``states`` (as returned by ``get_state``)."""
         self.envs["train"].set_state(states[self.rank])
+
+
+class EnvStages:
+    """The env role split into ``K`` pipeline stages, each its own EnvWorker group, called as one.
+
+    Stage k holds rows ``Batch.chunk(K)[k]`` of every env batch (training and evaluation), spread
+    over the env devices like a single group's shards. Calls that take the whole batch (``reset``,
+    ``step``, ...) run every stage at once and concatenate in stage order, so the loop sees one
+    env of ``num_envs`` rows; ``step_async(k, ...)`` steps one stage alone, which is what lets the
+    pipelined rollout overlap stage k's simulation with the policy's inference for another stage.
+    With ``K = 1`` this is a plain EnvWorker group.
+
+    Args:
+        make_group: builds one stage's WorkerGroup given its EnvWorker ``init_kwargs`` updates
+            (``num_envs``, ``num_eval_envs``) and its name.
+        stages: K >= 1.
+        num_envs: training envs over all stages.
+        num_eval_envs: evaluation envs over all stages.
+    """
+
+    def __init__(self, make_group: Any, stages: int, num_envs: int, num_eval_envs: int) -> None:
+        if stages < 1:
+            raise ValueError(f"placement.pipeline_stages={stages} must be >= 1")
+        for split, total in (("env.num_envs", num_envs), ("trainer.eval_episodes", num_eval_envs)):
+            if total < stages:
+                raise ValueError(f"{split}={total} is smaller than placement.pipeline_stages={stages}: "
+                                 "every stage needs at least one env")
+        self.groups = []
+        try:
+            for k in range(stages):
+                self.groups.append(make_group(
+                    {"num_envs": shard_size(num_envs, k, stages),
+                     "num_eval_envs": shard_size(num_eval_envs, k, stages)},
+                    f"env{k}" if stages > 1 else "env",
+                ))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def stages(self) -> int:
+        return len(self.groups)
+
+    def spec(self) -> dict[str, Any]:
+        return self.groups[0].spec()
+
+    def _all(self, method: str, batch: Batch, split: str) -> Batch:
+        calls = [g.call_async(method, piece, split=split) for g, piece in zip(self.groups, batch.chunk(self.stages))]
+        return Batch.concat([c.get() for c in calls])
+
+    def reset(self, seeds: Batch, split: str = "train") -> Batch:
+        """Resets every stage (``seeds`` rows in global env order)."""
+        return self._all("reset", seeds, split)
+
+    def step(self, actions: Batch, split: str = "train") -> Batch:
+        """Steps every stage at once."""
+        return self._all("step", actions, split)
+
+    def step_async(self, stage: int, actions: Batch, split: str = "train") -> Any:
+        """Starts stepping stage ``stage`` with its rows' actions; ``.get()`` waits for the result."""
+        return self.groups[stage].call_async("step", actions, split=split)
+
+    def stage_rows(self, batch: Batch) -> list[Batch]:
+        """``batch`` (global env order) cut into the stages' rows."""
+        return batch.chunk(self.stages)
+
+    def expert_actions(self, noise: float = 0.0, split: str = "train") -> list[Batch]:
+        calls = [g.call_async("expert_actions", noise=noise, split=split) for g in self.groups]
+        return [piece for c in calls for piece in c.get()]
+
+    def render(self, split: str = "eval", index: int = 0) -> np.ndarray:
+        """A frame of env ``index`` of the first stage's first shard."""
+        return self.groups[0].render(split=split, index=index)
+
+    def get_state(self) -> list[dict[str, Any]]:
+        calls = [g.call_async("get_state") for g in self.groups]
+        return [state for c in calls for state in c.get()]
+
+    def set_state(self, states: list[dict[str, Any]]) -> None:
+        per_stage = len(states) // self.stages
+        if per_stage * self.stages != len(states) or any(g.world_size != per_stage for g in self.groups):
+            raise ValueError(f"the checkpoint holds {len(states)} env shard states; this run has "
+                             f"{sum(g.world_size for g in self.groups)} (keep placement and pipeline_stages to resume)")
+        calls = [g.call_async("set_state", states[k * per_stage:(k + 1) * per_stage])
+                 for k, g in enumerate(self.groups)]
+        for c in calls:
+            c.get()
+
+    def shutdown(self) -> None:
+        for group in self.groups:
+            group.shutdown()

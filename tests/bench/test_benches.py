@@ -117,3 +117,14 @@ def test_learning_maniskill_bench_records_a_curve(tmp_path: Path, monkeypatch: p
     assert [p["env_steps"] for p in points][-2:] == [20, 40]
     assert all(0.0 <= p["success"] <= 1.0 for p in points) and points[-1]["wall_s"] > points[0]["wall_s"]
     assert result["table"][-1]["env_steps"] == 40
+
+
+def test_rollout_bench_measures_all_four_on_the_toy_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "rollout.json"
+    run_main(load_script("rollout"), ["--env", "toy", "--num-envs", "4", "--episode-steps", "5", "--vla-num-envs", "2",
+                                      "--vla-episode-steps", "3", "--repeats", "1", "--out", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    for key in ("raw_steps_per_s", "platform_steps_per_s", "sequential_steps_per_s", "pipelined_steps_per_s"):
+        assert result[key] > 0 and math.isfinite(result[key]), key
+    assert result["overhead_ratio"] == pytest.approx(result["platform_steps_per_s"] / result["raw_steps_per_s"])
+    assert result["pipeline_speedup"] == pytest.approx(result["pipelined_steps_per_s"] / result["sequential_steps_per_s"])

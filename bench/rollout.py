@@ -1,0 +1,132 @@
+"""Rollout throughput: raw simulator vs the platform, and sequential vs pipelined rollout.
+
+    python bench/rollout.py                 # ManiSkill3 PushCube on CPU (needs mani_skill + Vulkan)
+    python bench/rollout.py --env toy       # the numpy toy task, no simulator needed
+
+Three measurements in one run, all in env steps per second (one env step = one env advancing once):
+
+1. **raw**: the env class alone in this process (``instantiate(env)``), ``reset`` + one episode of
+   zero actions, as fast as the simulator goes (``--num-envs`` envs, ``env.vector`` as configured).
+2. **platform, no-op policy**: the same env config as an EnvWorker behind Ray, driven by
+   ``EmbodiedLoop.collect_rollout`` with ``policy=constant`` (zero actions) on the colocated
+   placement: the same reset + episode, plus Ray calls, Batch transfers and record assembly.
+   ``overhead ratio`` = platform / raw (goal >= 0.9).
+3. **sequential vs pipelined, tiny VLA on camera images**: ``policy=openvla_tiny`` with the env in
+   rgb mode, the env on one device and the policy on the other (``placement=disaggregated``) vs
+   the same with ``placement.pipeline_stages=2`` (``placement=pipelined``: stage 0 simulates while
+   the policy acts for stage 1). ``speedup`` = pipelined / sequential (goal >= 1.6 on 2 cores).
+
+Each platform number is the median over ``--repeats`` rollouts after one warm-up rollout. Prints
+a table and writes bench/results/rollout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from rlplat.config import compose
+from rlplat.loops.embodied import EmbodiedLoop
+from rlplat.runtime.cluster import ClusterConfig, ray_session
+
+ENVS = {
+    "maniskill": ["env=maniskill_pushcube", "env.sim_backend=physx_cpu"],
+    "toy": ["env=toy"],
+}
+# Every platform run: GRPO's episodic rollouts (reset + one episode, like the raw loop; the update
+# is never run here, one minibatch keeps the batch arithmetic valid at any size), no
+# evaluation or checkpoints.
+COMMON = ["algo=grpo", "algo.group_size=2", "algo.num_minibatches=1", "trainer.save_video=false", "logger.progress_bar=false"]
+
+
+def raw_steps_per_s(overrides: list[str], repeats: int) -> float:
+    """Env steps/s of the env class alone: reset + one episode of zero actions, median of repeats."""
+    cfg = compose(overrides)
+    env = instantiate(OmegaConf.to_container(cfg.env, resolve=True))
+    try:
+        zeros = np.zeros(env.action_space.shape, np.float32)
+        rates = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            env.reset(seed=r * env.num_envs)
+            for _ in range(env.max_episode_steps):
+                env.step(zeros)
+            if r > 0:  # the first is a warm-up
+                rates.append(env.num_envs * env.max_episode_steps / (time.perf_counter() - t0))
+        return statistics.median(rates)
+    finally:
+        env.close()
+
+
+def platform_steps_per_s(overrides: list[str], repeats: int) -> float:
+    """Env steps/s of ``EmbodiedLoop.collect_rollout`` (median of repeats after a warm-up)."""
+    cfg = compose(overrides)
+    loop = EmbodiedLoop(cfg, Path(tempfile.mkdtemp(prefix="rlplat-bench-rollout-")))
+    try:
+        rates = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            loop.collect_rollout()
+            if r > 0:
+                rates.append(loop.num_envs * loop.num_steps / (time.perf_counter() - t0))
+        return statistics.median(rates)
+    finally:
+        loop.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", choices=sorted(ENVS), default="maniskill")
+    parser.add_argument("--num-envs", type=int, default=16, help="envs of the raw vs platform comparison")
+    parser.add_argument("--episode-steps", type=int, default=50, help="env.max_episode_steps (steps per rollout)")
+    parser.add_argument("--vla-num-envs", type=int, default=8, help="envs of the sequential vs pipelined comparison")
+    parser.add_argument("--vla-episode-steps", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=32, help="camera side for the VLA part (the tiny VLA's input)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every config")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
+    args = parser.parse_args()
+
+    env = [*ENVS[args.env], f"env.max_episode_steps={args.episode_steps}", *args.set]
+    noop = [*env, f"env.num_envs={args.num_envs}"]
+    camera = "env.obs_mode=rgb" if args.env == "maniskill" else "env.obs_mode=state+rgb"
+    vla = [*ENVS[args.env], f"env.max_episode_steps={args.vla_episode_steps}", f"env.num_envs={args.vla_num_envs}",
+           camera, f"env.image_size={args.image_size}", "policy=openvla_tiny", *args.set]
+    result: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+
+    result["raw_steps_per_s"] = raw_steps_per_s(noop, args.repeats)
+    print(f"raw simulator, no-op:      {result['raw_steps_per_s']:9.1f} env steps/s", flush=True)
+    with ray_session(ClusterConfig(num_cpus=2)):
+        result["platform_steps_per_s"] = platform_steps_per_s(
+            [*noop, *COMMON, "policy=constant", "placement=colocated"], args.repeats)
+        print(f"platform, no-op policy:    {result['platform_steps_per_s']:9.1f} env steps/s", flush=True)
+        result["sequential_steps_per_s"] = platform_steps_per_s(
+            [*vla, *COMMON, "placement=disaggregated"], args.repeats)
+        print(f"tiny VLA, sequential:      {result['sequential_steps_per_s']:9.1f} env steps/s", flush=True)
+        result["pipelined_steps_per_s"] = platform_steps_per_s([*vla, *COMMON, "placement=pipelined"], args.repeats)
+        print(f"tiny VLA, pipelined (K=2): {result['pipelined_steps_per_s']:9.1f} env steps/s", flush=True)
+    result["overhead_ratio"] = result["platform_steps_per_s"] / result["raw_steps_per_s"]
+    result["pipeline_speedup"] = result["pipelined_steps_per_s"] / result["sequential_steps_per_s"]
+
+    print(f"\n{'measurement':<36} {'env steps/s':>12} {'ratio':>8} {'goal':>6}")
+    print(f"{'raw simulator, no-op':<36} {result['raw_steps_per_s']:>12.1f}")
+    print(f"{'platform, no-op policy':<36} {result['platform_steps_per_s']:>12.1f} "
+          f"{result['overhead_ratio']:>8.2f} {'>=0.9':>6}")
+    print(f"{'tiny VLA rgb, sequential':<36} {result['sequential_steps_per_s']:>12.1f}")
+    print(f"{'tiny VLA rgb, pipelined (2 stages)':<36} {result['pipelined_steps_per_s']:>12.1f} "
+          f"{result['pipeline_speedup']:>8.2f} {'>=1.6':>6}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
