@@ -27,19 +27,17 @@ from __future__ import annotations
 import functools
 import os
 import re
-import string
 from typing import Any
 
 import gymnasium
 import numpy as np
-from gymnasium import spaces
 
-from rlplat.envs.base import Obs, Seed, VectorEnv
+from rlplat.envs.base import Obs
+from rlplat.envs.sim import ProcessVector, SimVectorEnv, spaces_of
 
 OBS_MODES = ("state", "rgb", "rgbd")
 REWARD_MODES = ("sparse", "dense", "normalized_dense")
 SIM_BACKENDS = ("auto", "physx_cpu", "physx_cuda")
-VECTOR_MODES = ("async", "sync")
 
 #: Language instruction per task id, for VLA prompts. Tasks not listed take the first sentence
 #: of their docstring's "Task Description" (ManiSkill tasks document themselves), or the
@@ -65,7 +63,6 @@ SETUP_HINT = (
     "install Mesa >= 25 lavapipe and the Vulkan loader with `sudo bash scripts/setup_system.sh` "
     "(Debian 12 and 13), or run on a machine with an NVIDIA driver."
 )
-_INSTRUCTION_MAX_CHARS = 128
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -130,15 +127,6 @@ def contract_obs(base_env: Any, raw: Any, cameras: dict[str, str], depth: bool) 
             # ManiSkill depth is int16 millimetres.
             out[f"{key}_depth"] = _to_numpy(data["depth"]).astype(np.float32) / 1000.0
     return out
-
-
-def _spaces_of(obs: Obs) -> spaces.Dict:
-    """Single-env spaces of a batched contract observation."""
-    return spaces.Dict({
-        key: spaces.Box(0, 255, value.shape[1:], np.uint8) if value.dtype == np.uint8
-        else spaces.Box(-np.inf, np.inf, value.shape[1:], np.float32)
-        for key, value in obs.items()
-    })
 
 
 def _episode_limit(env: Any, max_episode_steps: int | None) -> int:
@@ -236,7 +224,7 @@ class SingleManiSkill(gymnasium.Env):
         self.depth = depth
         raw, _ = self.env.reset(seed=0)
         obs = contract_obs(self.base, raw, self.cameras, depth)
-        self.observation_space = _spaces_of(obs)
+        self.observation_space = spaces_of(obs)
         self.action_space = self.base.single_action_space
         self.max_episode_steps = _episode_limit(self.env, make_kwargs["max_episode_steps"])
 
@@ -270,7 +258,7 @@ def _single(cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -
     return SingleManiSkill(cameras, depth, **make_kwargs)
 
 
-class ManiSkillEnv(VectorEnv):
+class ManiSkillEnv(SimVectorEnv):
     """A registered ManiSkill3 task (e.g. PushCube-v1) as a contract VectorEnv.
 
     **Task Description:** the task's own (see its ManiSkill docstring); ``instruction`` holds the
@@ -347,7 +335,6 @@ class ManiSkillEnv(VectorEnv):
         _check(obs_mode in OBS_MODES, "obs_mode", f"must be one of {OBS_MODES}, got {obs_mode!r}")
         _check(reward_mode in REWARD_MODES, "reward_mode", f"must be one of {REWARD_MODES}, got {reward_mode!r}")
         _check(sim_backend in SIM_BACKENDS, "sim_backend", f"must be one of {SIM_BACKENDS}, got {sim_backend!r}")
-        _check(vector in VECTOR_MODES, "vector", f"must be one of {VECTOR_MODES}, got {vector!r}")
         _check(isinstance(image_size, int) and image_size >= 16, "image_size", f"must be an int >= 16, got {image_size!r}")
         os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "1")
         import mani_skill.envs  # noqa: F401
@@ -362,7 +349,6 @@ class ManiSkillEnv(VectorEnv):
         self.task = task
         self.obs_mode = obs_mode
         self.sim_backend = sim_backend
-        self.ignore_terminations = bool(ignore_terminations)
         self.instruction = instruction if instruction is not None else task_instruction(task)
         cameras = {} if obs_mode == "state" else {"image": camera}
         if wrist_camera is not None and obs_mode != "state":
@@ -372,132 +358,16 @@ class ManiSkillEnv(VectorEnv):
             "reward_mode": reward_mode, "image_size": image_size, "robot_uids": robot_uids,
             "max_episode_steps": max_episode_steps, "render_size": render_size,
         }
+        depth = obs_mode == "rgbd"
         if sim_backend == "physx_cuda":
-            self._sim: _Batched | _PerProcess = _Batched(num_envs, cameras, obs_mode == "rgbd", make_kwargs)
+            sim: _Batched | ProcessVector = _Batched(num_envs, cameras, depth, make_kwargs)
         else:
-            self._sim = _PerProcess(num_envs, cameras, obs_mode == "rgbd", make_kwargs, vector, context)
-        single = dict(self._sim.observation_space.spaces)
-        single["instruction"] = spaces.Text(_INSTRUCTION_MAX_CHARS, charset=string.printable)
-        super().__init__(
-            num_envs=num_envs,
-            max_episode_steps=self._sim.max_episode_steps,
-            single_observation_space=spaces.Dict(single),
-            single_action_space=self._sim.action_space,
-        )
-        self._ep_return = np.zeros(num_envs, np.float64)
-        self._ep_length = np.zeros(num_envs, np.int64)
-        self._last_obs: Obs | None = None
+            fns = [functools.partial(_single, cameras, depth, make_kwargs) for _ in range(num_envs)]
+            sim = ProcessVector(fns, vector, context)
+        super().__init__(sim, num_envs, ignore_terminations=ignore_terminations)
 
-    def _with_instruction(self, obs: Obs) -> Obs:
-        obs["instruction"] = np.array([self.instruction] * self.num_envs, dtype=object)
-        return obs
-
-    def reset(self, *, seed: Seed = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
-        obs = self._sim.reset(self._seeds(seed))
-        self._ep_return[:] = 0.0
-        self._ep_length[:] = 0
-        self._last_obs = self._with_instruction(obs)
-        return self._last_obs, {}
-
-    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        actions = np.asarray(actions, np.float32)
-        _check(actions.shape == self.action_space.shape, "actions",
-               f"expected shape {self.action_space.shape}, got {actions.shape}")
-        obs, reward, terminated, truncated, success = self._sim.step(actions)
-        if self.ignore_terminations:
-            terminated = np.zeros_like(terminated)
-        self._ep_return += reward
-        self._ep_length += 1
-        done = terminated | truncated
-        info: dict[str, Any] = {
-            "success": success,
-            "done": done,
-            "episode_return": np.where(done, self._ep_return, 0.0).astype(np.float32),
-            "episode_length": np.where(done, self._ep_length, 0),
-            "final_obs": self._with_instruction({k: v.copy() for k, v in obs.items()}),
-        }
-        if done.any():
-            fresh = self._sim.reset_rows(done)
-            for key, value in fresh.items():
-                obs[key][done] = value[done]
-            self._ep_return[done] = 0.0
-            self._ep_length[done] = 0
-        self._last_obs = self._with_instruction(obs)
-        return self._last_obs, reward.astype(np.float32), terminated, truncated, info
-
-    def render(self, index: int = 0) -> np.ndarray:
-        if self._last_obs is not None and "image" in self._last_obs:
-            return self._last_obs["image"][index]
-        return self._sim.render(index)
-
-    def get_state(self) -> dict[str, Any]:
-        return {"sim": self._sim.snapshot(), "ep_return": self._ep_return.copy(),
-                "ep_length": self._ep_length.copy(), "last_obs": self._last_obs}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._sim.restore(state["sim"])
-        self._ep_return[:] = state["ep_return"]
-        self._ep_length[:] = state["ep_length"]
-        self._last_obs = state["last_obs"]
-
-    def close_extras(self, **kwargs: Any) -> None:
-        self._sim.close()
-
-
-class _PerProcess:
-    """CPU path: a gymnasium vector env of SingleManiSkill (one scene per process)."""
-
-    def __init__(self, num_envs: int, cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any],
-                 vector: str, context: str | None) -> None:
-        fns = [functools.partial(_single, cameras, depth, make_kwargs) for _ in range(num_envs)]
-        mode = gymnasium.vector.AutoresetMode.DISABLED
-        if vector == "async":
-            self.vec = gymnasium.vector.AsyncVectorEnv(fns, context=context, autoreset_mode=mode)
-        else:
-            self.vec = gymnasium.vector.SyncVectorEnv(fns, autoreset_mode=mode)
-        self.observation_space = self.vec.single_observation_space
-        self.action_space = self.vec.single_action_space
-        self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
-
-    def reset(self, seeds: list[int]) -> Obs:
-        obs, _ = self.vec.reset(seed=seeds)
-        return {k: np.array(v) for k, v in obs.items()}
-
-    def reset_rows(self, mask: np.ndarray) -> Obs:
-        # No seed: each env continues its own ManiSkill RNG, as one big env would.
-        obs, _ = self.vec.reset(options={"reset_mask": np.asarray(mask, bool)})
-        return {k: np.array(v) for k, v in obs.items()}
-
-    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        obs, reward, terminated, truncated, info = self.vec.step(actions)
-        success = np.asarray(info.get("success", np.zeros(len(reward), bool)), bool)
-        return ({k: np.array(v) for k, v in obs.items()}, np.asarray(reward, np.float64),
-                np.asarray(terminated, bool), np.asarray(truncated, bool), success)
-
-    def render(self, index: int) -> np.ndarray:
-        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
-            return self.vec.envs[index].render()
-        return self.vec.call("render")[index]
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        return list(self.vec.call("snapshot"))
-
-    def restore(self, snaps: list[dict[str, Any]]) -> None:
-        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
-            for env, snap in zip(self.vec.envs, snaps, strict=True):
-                env.restore(snap)
-            return
-        for pipe, snap in zip(self.vec.parent_pipes, snaps, strict=True):
-            pipe.send(("_call", ("restore", (snap,), {})))
-        for pipe in self.vec.parent_pipes:
-            _, ok = pipe.recv()
-            if not ok:
-                raise RuntimeError("ManiSkillEnv.set_state: a sub-env failed to restore its snapshot")
-
-    def close(self) -> None:
-        self.vec.close()
-
-
+    def instructions(self, obs: Obs) -> list[str]:
+        return [self.instruction] * self.num_envs
 class _Batched:
     """GPU path: one ManiSkill env with all scenes batched on the GPU (physx_cuda)."""
 
@@ -507,7 +377,7 @@ class _Batched:
         self.cameras, self.depth = dict(cameras), depth
         raw, _ = self.env.reset(seed=list(range(num_envs)))
         obs = contract_obs(self.base, raw, self.cameras, depth)
-        self.observation_space = _spaces_of(obs)
+        self.observation_space = spaces_of(obs)
         self.action_space = self.base.single_action_space
         self.max_episode_steps = _episode_limit(self.env, make_kwargs["max_episode_steps"])
 

@@ -253,6 +253,32 @@ class ManiSkillEnvConfig:
     context: str | None = "forkserver"
 
 
+@dataclass
+class LiberoEnvConfig:
+    """Constructor arguments of envs/libero.py's LiberoEnv (see its docstring)."""
+
+    # Class that builds one shard of vector envs.
+    _target_: str = "rlplat.envs.libero.LiberoEnv"
+    # Parallel training envs in total, split evenly over the env workers.
+    num_envs: int = 2
+    # libero_spatial, libero_object, libero_goal, libero_10 or libero_90.
+    suite: str = "libero_spatial"
+    # Tasks the seeds cycle over; null: every task of the suite.
+    task_ids: list[int] | None = None
+    # Camera side in pixels (rendered at this size).
+    image_size: int = 128
+    # Also return wrist_image.
+    wrist_camera: bool = True
+    # Episode limit; null: the suite's official one (spatial 220, object 280, goal 300, 10 520, 90 400).
+    max_episode_steps: int | None = None
+    # No-op steps after each reset while objects settle.
+    settle_steps: int = 10
+    # async (a subprocess per scene) or sync (all in the worker process).
+    vector: str = "async"
+    # Start method of the async vector (forkserver, spawn or fork).
+    context: str | None = "forkserver"
+
+
 # --------------------------------------------------------------------------- preference
 
 
@@ -513,6 +539,9 @@ class TrainerConfig:
     eval_at_start: bool = False
     # Episodes per evaluation (run in parallel, one per eval env).
     eval_episodes: int = 64
+    # Seeds of the evaluation episodes: null draws them from the run seed; an int s uses
+    # s, s+1, ... (LIBERO: 0 gives the official protocol's tasks x init states).
+    eval_seed_start: int | None = None
     # Save a checkpoint every this many iterations (0: only at the end).
     checkpoint_every: int = 20
     # Keep this many newest checkpoints (0: keep all).
@@ -590,6 +619,7 @@ def register_configs() -> None:
     cs.store(group="policy", name="diffusion_schema", node=DiffusionPolicyConfig)
     cs.store(group="env", name="toy_schema", node=ToyEnvConfig)
     cs.store(group="env", name="maniskill_schema", node=ManiSkillEnvConfig)
+    cs.store(group="env", name="libero_schema", node=LiberoEnvConfig)
     cs.store(group="preference", name="online_schema", node=OnlinePreferenceConfig)
     cs.store(group="algo", name="ppo_schema", node=PPOConfig)
     cs.store(group="algo", name="grpo_schema", node=GRPOConfig)

@@ -24,6 +24,7 @@ os.environ.update({
     "MS_SKIP_ASSET_DOWNLOAD_PROMPT": "1",
     "MESA_SHADER_CACHE_DISABLE": "true",
 })
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 @pytest.fixture(scope="session")

@@ -224,8 +224,14 @@ class EmbodiedLoop:
     def evaluate(self, video_path: Path | None = None) -> dict[str, float]:
         """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes."""
         n = self.cfg.trainer.eval_episodes
-        seeds = np.random.default_rng([self.cfg.seed, 1]).integers(0, 2**31 - 1, size=n)
+        start = self.cfg.trainer.get("eval_seed_start")
+        if start is None:
+            seeds = np.random.default_rng([self.cfg.seed, 1]).integers(0, 2**31 - 1, size=n)
+        else:
+            seeds = np.arange(int(start), int(start) + n)
         obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}), split="eval")
+        # Multi-task envs (LIBERO) tag episodes with their task: success is also reported per task.
+        tasks = obs["task_index"].clone() if "task_index" in obs.keys() else None
         ended = torch.zeros(n, dtype=torch.bool)
         success, returns = torch.zeros(n), torch.zeros(n)
         lengths = torch.full((n,), float(self.max_episode_steps))
@@ -246,11 +252,15 @@ class EmbodiedLoop:
                 break
         if video_path and frames:
             save_video(frames, video_path)
-        return {
+        metrics = {
             "eval/success_rate": float(success.mean()),
             "eval/episode_return": float(returns.mean()),
             "eval/episode_length": float(lengths.mean()),
         }
+        if tasks is not None:
+            for task in sorted(set(tasks.tolist())):
+                metrics[f"eval/success_task_{task}"] = float(success[tasks == task].mean())
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:

@@ -1,0 +1,187 @@
+"""Shared machinery of the simulator envs (ManiSkill3, LIBERO) behind the VectorEnv contract.
+
+A simulator env is a *backend* that steps N scenes and returns contract observations (numpy,
+without ``instruction``), wrapped by ``SimVectorEnv``, which adds what every simulator needs the
+same way: instructions, episode returns and lengths, SAME_STEP auto-reset with ``final_obs``, the
+snapshot for checkpoints. Two backends exist: ``ProcessVector`` (one single-scene gymnasium env
+per subprocess, or all in this process: CPU simulators) and a simulator's own batched env
+(ManiSkill on the GPU).
+
+A backend has ``observation_space`` (single, contract keys), ``action_space`` (single),
+``max_episode_steps`` and the methods ``reset(seeds) -> obs``, ``reset_rows(mask) -> obs`` (a
+new episode on the masked rows, each continuing its own RNG), ``step(actions) -> (obs, reward,
+terminated, truncated, success)``, ``render(index)``, ``snapshot()``, ``restore(snap)`` and
+``close()``.
+"""
+
+from __future__ import annotations
+
+import abc
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from rlplat.envs.base import Obs, Seed, VectorEnv
+
+VECTOR_MODES = ("async", "sync")
+_INSTRUCTION_MAX_CHARS = 256
+
+
+def spaces_of(obs: Obs) -> spaces.Dict:
+    """Single-env spaces of a batched contract observation (uint8 images, float32 or int64 rest)."""
+    out = {}
+    for key, value in obs.items():
+        if value.dtype == np.uint8:
+            out[key] = spaces.Box(0, 255, value.shape[1:], np.uint8)
+        elif np.issubdtype(value.dtype, np.integer):
+            out[key] = spaces.Box(0, np.iinfo(np.int64).max, value.shape[1:], np.int64)
+        else:
+            out[key] = spaces.Box(-np.inf, np.inf, value.shape[1:], np.float32)
+    return spaces.Dict(out)
+
+
+class ProcessVector:
+    """A gymnasium vector of single-scene envs (``vector="async"``: a subprocess each; ``"sync"``:
+    all in this process), auto-reset left to the owner so success is read before any reset.
+
+    The single envs are ``gymnasium.Env``s with contract observations and ``info["success"]``,
+    plus ``max_episode_steps``, ``snapshot()`` and ``restore(snap)``.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], gymnasium.Env]], vector: str, context: str | None) -> None:
+        if vector not in VECTOR_MODES:
+            raise ValueError(f"vector: must be one of {VECTOR_MODES}, got {vector!r}")
+        mode = gymnasium.vector.AutoresetMode.DISABLED
+        if vector == "async":
+            self.vec = gymnasium.vector.AsyncVectorEnv(list(env_fns), context=context, autoreset_mode=mode)
+        else:
+            self.vec = gymnasium.vector.SyncVectorEnv(list(env_fns), autoreset_mode=mode)
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+        self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
+
+    def reset(self, seeds: list[int]) -> Obs:
+        obs, _ = self.vec.reset(seed=seeds)
+        return {k: np.array(v) for k, v in obs.items()}
+
+    def reset_rows(self, mask: np.ndarray) -> Obs:
+        # No seed: each env continues its own RNG, as one big env would.
+        obs, _ = self.vec.reset(options={"reset_mask": np.asarray(mask, bool)})
+        return {k: np.array(v) for k, v in obs.items()}
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        obs, reward, terminated, truncated, info = self.vec.step(actions)
+        success = np.asarray(info.get("success", np.zeros(len(reward), bool)), bool)
+        return ({k: np.array(v) for k, v in obs.items()}, np.asarray(reward, np.float64),
+                np.asarray(terminated, bool), np.asarray(truncated, bool), success)
+
+    def render(self, index: int) -> np.ndarray:
+        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
+            return self.vec.envs[index].render()
+        return self.vec.call("render")[index]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return list(self.vec.call("snapshot"))
+
+    def restore(self, snaps: list[dict[str, Any]]) -> None:
+        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
+            for env, snap in zip(self.vec.envs, snaps, strict=True):
+                env.restore(snap)
+            return
+        # gymnasium's call() passes the same arguments to every env; each needs its own snapshot.
+        for pipe, snap in zip(self.vec.parent_pipes, snaps, strict=True):
+            pipe.send(("_call", ("restore", (snap,), {})))
+        for pipe in self.vec.parent_pipes:
+            _, ok = pipe.recv()
+            if not ok:
+                raise RuntimeError("set_state: a sub-env failed to restore its snapshot")
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+class SimVectorEnv(VectorEnv, abc.ABC):
+    """The contract around a simulator backend (see the module docstring).
+
+    Subclasses build the backend, call ``super().__init__(backend, num_envs)`` and implement
+    ``instructions(obs)``.
+
+    Args:
+        sim: the backend.
+        num_envs: N.
+        ignore_terminations: success does not end the episode (episodes run to the limit).
+    """
+
+    def __init__(self, sim: Any, num_envs: int, ignore_terminations: bool = False) -> None:
+        self._sim = sim
+        self.ignore_terminations = bool(ignore_terminations)
+        single = dict(sim.observation_space.spaces)
+        single["instruction"] = spaces.Text(_INSTRUCTION_MAX_CHARS, charset=string.printable)
+        super().__init__(num_envs=num_envs, max_episode_steps=sim.max_episode_steps,
+                         single_observation_space=spaces.Dict(single), single_action_space=sim.action_space)
+        self._ep_return = np.zeros(num_envs, np.float64)
+        self._ep_length = np.zeros(num_envs, np.int64)
+        self._last_obs: Obs | None = None
+
+    @abc.abstractmethod
+    def instructions(self, obs: Obs) -> list[str]:
+        """The language instruction of every row of ``obs``."""
+
+    def _with_instruction(self, obs: Obs) -> Obs:
+        obs["instruction"] = np.array(self.instructions(obs), dtype=object)
+        return obs
+
+    def reset(self, *, seed: Seed = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
+        obs = self._sim.reset(self._seeds(seed))
+        self._ep_return[:] = 0.0
+        self._ep_length[:] = 0
+        self._last_obs = self._with_instruction(obs)
+        return self._last_obs, {}
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        actions = np.asarray(actions, np.float32)
+        if actions.shape != self.action_space.shape:
+            raise ValueError(f"actions: expected shape {self.action_space.shape}, got {actions.shape}")
+        obs, reward, terminated, truncated, success = self._sim.step(actions)
+        if self.ignore_terminations:
+            terminated = np.zeros_like(terminated)
+        self._ep_return += reward
+        self._ep_length += 1
+        done = terminated | truncated
+        info: dict[str, Any] = {
+            "success": success,
+            "done": done,
+            "episode_return": np.where(done, self._ep_return, 0.0).astype(np.float32),
+            "episode_length": np.where(done, self._ep_length, 0),
+            "final_obs": self._with_instruction({k: v.copy() for k, v in obs.items()}),
+        }
+        if done.any():
+            fresh = self._sim.reset_rows(done)
+            for key, value in fresh.items():
+                obs[key][done] = value[done]
+            self._ep_return[done] = 0.0
+            self._ep_length[done] = 0
+        self._last_obs = self._with_instruction(obs)
+        return self._last_obs, reward.astype(np.float32), terminated, truncated, info
+
+    def render(self, index: int = 0) -> np.ndarray:
+        if self._last_obs is not None and "image" in self._last_obs:
+            return self._last_obs["image"][index]
+        return self._sim.render(index)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"sim": self._sim.snapshot(), "ep_return": self._ep_return.copy(),
+                "ep_length": self._ep_length.copy(), "last_obs": self._last_obs}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._sim.restore(state["sim"])
+        self._ep_return[:] = state["ep_return"]
+        self._ep_length[:] = state["ep_length"]
+        self._last_obs = state["last_obs"]
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self._sim.close()
