@@ -38,7 +38,7 @@ from rlplat.loops.embodied import EmbodiedLoop
 from rlplat.runtime.cluster import ClusterConfig, ray_session
 
 ENVS = {
-    "maniskill": ["env=maniskill_pushcube", "env.sim_backend=physx_cpu"],
+    "maniskill": ["env=maniskill_pushcube"],
     "toy": ["env=toy"],
 }
 # Every platform run: GRPO's episodic rollouts (reset + one episode, like the raw loop; the update
@@ -85,6 +85,11 @@ def platform_steps_per_s(overrides: list[str], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", choices=sorted(ENVS), default="maniskill")
+    parser.add_argument("--sim-backend", choices=["physx_cpu", "physx_cuda"], default="physx_cpu",
+                        help="ManiSkill only: physx_cuda runs one batched GPU env per worker")
+    parser.add_argument("--gpu", action="store_true", help="placements reserve a GPU per bundle (GPU machines)")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--parts", nargs="+", choices=["noop", "vla"], default=["noop", "vla"])
     parser.add_argument("--num-envs", type=int, default=16, help="envs of the raw vs platform comparison")
     parser.add_argument("--episode-steps", type=int, default=50, help="env.max_episode_steps (steps per rollout)")
     parser.add_argument("--vla-num-envs", type=int, default=8, help="envs of the sequential vs pipelined comparison")
@@ -95,34 +100,41 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout.json")
     args = parser.parse_args()
 
-    env = [*ENVS[args.env], f"env.max_episode_steps={args.episode_steps}", *args.set]
+    backend = [f"env.sim_backend={args.sim_backend}"] if args.env == "maniskill" else []
+    placement_gpu = ["placement.use_gpu=true"] if args.gpu else []
+    env = [*ENVS[args.env], *backend, f"env.max_episode_steps={args.episode_steps}", *args.set]
     noop = [*env, f"env.num_envs={args.num_envs}"]
     camera = "env.obs_mode=rgb" if args.env == "maniskill" else "env.obs_mode=state+rgb"
-    vla = [*ENVS[args.env], f"env.max_episode_steps={args.vla_episode_steps}", f"env.num_envs={args.vla_num_envs}",
+    vla = [*ENVS[args.env], *backend, f"env.max_episode_steps={args.vla_episode_steps}", f"env.num_envs={args.vla_num_envs}",
            camera, f"env.image_size={args.image_size}", "policy=openvla_tiny", *args.set]
     result: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
-    result["raw_steps_per_s"] = raw_steps_per_s(noop, args.repeats)
-    print(f"raw simulator, no-op:      {result['raw_steps_per_s']:9.1f} env steps/s", flush=True)
-    with ray_session(ClusterConfig(num_cpus=2)):
-        result["platform_steps_per_s"] = platform_steps_per_s(
-            [*noop, *COMMON, "policy=constant", "placement=colocated"], args.repeats)
-        print(f"platform, no-op policy:    {result['platform_steps_per_s']:9.1f} env steps/s", flush=True)
-        result["sequential_steps_per_s"] = platform_steps_per_s(
-            [*vla, *COMMON, "placement=disaggregated"], args.repeats)
-        print(f"tiny VLA, sequential:      {result['sequential_steps_per_s']:9.1f} env steps/s", flush=True)
-        result["pipelined_steps_per_s"] = platform_steps_per_s([*vla, *COMMON, "placement=pipelined"], args.repeats)
-        print(f"tiny VLA, pipelined (K=2): {result['pipelined_steps_per_s']:9.1f} env steps/s", flush=True)
-    result["overhead_ratio"] = result["platform_steps_per_s"] / result["raw_steps_per_s"]
-    result["pipeline_speedup"] = result["pipelined_steps_per_s"] / result["sequential_steps_per_s"]
+    with ray_session(ClusterConfig(num_cpus=args.num_cpus)):
+        if "noop" in args.parts:
+            result["raw_steps_per_s"] = raw_steps_per_s(noop, args.repeats)
+            print(f"raw simulator, no-op:      {result['raw_steps_per_s']:9.1f} env steps/s", flush=True)
+            result["platform_steps_per_s"] = platform_steps_per_s(
+                [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu], args.repeats)
+            print(f"platform, no-op policy:    {result['platform_steps_per_s']:9.1f} env steps/s", flush=True)
+            result["overhead_ratio"] = result["platform_steps_per_s"] / result["raw_steps_per_s"]
+        if "vla" in args.parts:
+            result["sequential_steps_per_s"] = platform_steps_per_s(
+                [*vla, *COMMON, "placement=disaggregated", *placement_gpu], args.repeats)
+            print(f"tiny VLA, sequential:      {result['sequential_steps_per_s']:9.1f} env steps/s", flush=True)
+            result["pipelined_steps_per_s"] = platform_steps_per_s(
+                [*vla, *COMMON, "placement=pipelined", *placement_gpu], args.repeats)
+            print(f"tiny VLA, pipelined (K=2): {result['pipelined_steps_per_s']:9.1f} env steps/s", flush=True)
+            result["pipeline_speedup"] = result["pipelined_steps_per_s"] / result["sequential_steps_per_s"]
 
     print(f"\n{'measurement':<36} {'env steps/s':>12} {'ratio':>8} {'goal':>6}")
-    print(f"{'raw simulator, no-op':<36} {result['raw_steps_per_s']:>12.1f}")
-    print(f"{'platform, no-op policy':<36} {result['platform_steps_per_s']:>12.1f} "
-          f"{result['overhead_ratio']:>8.2f} {'>=0.9':>6}")
-    print(f"{'tiny VLA rgb, sequential':<36} {result['sequential_steps_per_s']:>12.1f}")
-    print(f"{'tiny VLA rgb, pipelined (2 stages)':<36} {result['pipelined_steps_per_s']:>12.1f} "
-          f"{result['pipeline_speedup']:>8.2f} {'>=1.6':>6}")
+    if "noop" in args.parts:
+        print(f"{'raw simulator, no-op':<36} {result['raw_steps_per_s']:>12.1f}")
+        print(f"{'platform, no-op policy':<36} {result['platform_steps_per_s']:>12.1f} "
+              f"{result['overhead_ratio']:>8.2f} {'>=0.9':>6}")
+    if "vla" in args.parts:
+        print(f"{'tiny VLA rgb, sequential':<36} {result['sequential_steps_per_s']:>12.1f}")
+        print(f"{'tiny VLA rgb, pipelined (2 stages)':<36} {result['pipelined_steps_per_s']:>12.1f} "
+              f"{result['pipeline_speedup']:>8.2f} {'>=1.6':>6}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
