@@ -209,27 +209,45 @@ def make_maniskill(task: str, sim_backend: str, num_envs: int, obs_mode: str, co
         raise
 
 
-class SingleManiSkill(gymnasium.Env):
-    """One CPU ManiSkill env with unbatched contract observations (runs inside a vector worker).
+class _ManiSkillHandle:
+    """A made ManiSkill env of ``num_envs`` scenes with the contract's spaces, snapshot and close."""
 
-    Auto-reset is left to the owner (``reset(options={"reset_mask": ...})`` of the vector env),
-    so ``success`` is read before any reset. ``snapshot``/``restore`` give the exact simulator
-    state, ManiSkill's RNGs and the step counter, for checkpoints.
-    """
-
-    def __init__(self, cameras: dict[str, str], depth: bool, **make_kwargs: Any) -> None:
-        self.env = make_maniskill(num_envs=1, **make_kwargs)
+    def __init__(self, num_envs: int, cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -> None:
+        self.env = make_maniskill(num_envs=num_envs, **make_kwargs)
         self.base = self.env.unwrapped
-        self.cameras = dict(cameras)
-        self.depth = depth
-        raw, _ = self.env.reset(seed=0)
-        obs = contract_obs(self.base, raw, self.cameras, depth)
-        self.observation_space = spaces_of(obs)
+        self.cameras, self.depth = dict(cameras), depth
+        raw, _ = self.env.reset(seed=list(range(num_envs)) if num_envs > 1 else 0)
+        self.observation_space = spaces_of(self._contract(raw))
         self.action_space = self.base.single_action_space
         self.max_episode_steps = _episode_limit(self.env, make_kwargs["max_episode_steps"])
 
+    def _contract(self, raw: Any) -> Obs:
+        return contract_obs(self.base, raw, self.cameras, self.depth)
+
+    def snapshot(self) -> dict[str, Any]:
+        return _snapshot(self.base)
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        _restore(self.base, snap)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class SingleManiSkill(_ManiSkillHandle, gymnasium.Env):
+    """One CPU ManiSkill env with unbatched contract observations (runs inside a vector worker).
+
+    Auto-reset is left to the owner (``reset(options={"reset_mask": ...})`` of the vector env),
+    so ``success`` is read before any reset. ``snapshot``/``restore`` carry the simulator state,
+    ManiSkill's RNGs and the step counter, for checkpoints (PhysX's solver caches are not part of
+    the state: a restored episode agrees to ~1e-5, the episodes after it exactly).
+    """
+
+    def __init__(self, cameras: dict[str, str], depth: bool, **make_kwargs: Any) -> None:
+        super().__init__(1, cameras, depth, make_kwargs)
+
     def _obs(self, raw: Any) -> Obs:
-        return {k: v[0] for k, v in contract_obs(self.base, raw, self.cameras, self.depth).items()}
+        return {k: v[0] for k, v in self._contract(raw).items()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
         raw, _ = self.env.reset(seed=seed)
@@ -243,15 +261,6 @@ class SingleManiSkill(gymnasium.Env):
 
     def render(self) -> np.ndarray:
         return _to_numpy(self.env.render())[0].astype(np.uint8)
-
-    def snapshot(self) -> dict[str, Any]:
-        return _snapshot(self.base)
-
-    def restore(self, snap: dict[str, Any]) -> None:
-        _restore(self.base, snap)
-
-    def close(self) -> None:
-        self.env.close()
 
 
 def _single(cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -> SingleManiSkill:
@@ -368,21 +377,11 @@ class ManiSkillEnv(SimVectorEnv):
 
     def instructions(self, obs: Obs) -> list[str]:
         return [self.instruction] * self.num_envs
-class _Batched:
+class _Batched(_ManiSkillHandle):
     """GPU path: one ManiSkill env with all scenes batched on the GPU (physx_cuda)."""
 
-    def __init__(self, num_envs: int, cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -> None:
-        self.env = make_maniskill(num_envs=num_envs, **make_kwargs)
-        self.base = self.env.unwrapped
-        self.cameras, self.depth = dict(cameras), depth
-        raw, _ = self.env.reset(seed=list(range(num_envs)))
-        obs = contract_obs(self.base, raw, self.cameras, depth)
-        self.observation_space = spaces_of(obs)
-        self.action_space = self.base.single_action_space
-        self.max_episode_steps = _episode_limit(self.env, make_kwargs["max_episode_steps"])
-
     def _obs(self, raw: Any) -> Obs:
-        return contract_obs(self.base, raw, self.cameras, self.depth)
+        return self._contract(raw)
 
     def reset(self, seeds: list[int]) -> Obs:
         raw, _ = self.env.reset(seed=seeds)
@@ -406,13 +405,4 @@ class _Batched:
 
     def render(self, index: int) -> np.ndarray:
         return _to_numpy(self.env.render())[index].astype(np.uint8)
-
-    def snapshot(self) -> dict[str, Any]:
-        return _snapshot(self.base)
-
-    def restore(self, snap: dict[str, Any]) -> None:
-        _restore(self.base, snap)
-
-    def close(self) -> None:
-        self.env.close()
 
