@@ -42,9 +42,10 @@ ENVS = {
     "toy": ["env=toy"],
 }
 # Every platform run: GRPO's episodic rollouts (reset + one episode, like the raw loop; the update
-# is never run here, one minibatch keeps the batch arithmetic valid at any size), no
+# is never run here, one minibatch keeps the batch arithmetic valid at any size; two eval envs, the
+# fewest a 2-stage pipeline builds, since every eval env is a simulator process), no
 # evaluation or checkpoints.
-COMMON = ["algo=grpo", "algo.group_size=2", "algo.num_minibatches=1", "trainer.save_video=false", "logger.progress_bar=false"]
+COMMON = ["algo=grpo", "algo.group_size=2", "algo.num_minibatches=1", "trainer.eval_episodes=2", "trainer.save_video=false", "logger.progress_bar=false"]
 
 
 def raw_steps_per_s(overrides: list[str], repeats: int) -> float:
