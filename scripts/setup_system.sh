@@ -10,7 +10,10 @@
 #   bash scripts/setup_system.sh --check       # only report; exit 1 if something is missing
 set -euo pipefail
 
-PACKAGES=(libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6)
+PACKAGES=(libvulkan1 mesa-vulkan-drivers libegl1 libegl-mesa0 libgl1-mesa-dri)
+# OSMesa (MUJOCO_GL=osmesa, the fallback to EGL) left Mesa in 25.1: installed where the release
+# still has it, never required.
+OPTIONAL=(libosmesa6)
 MIN_MESA_MAJOR=25
 
 mesa_major() {
@@ -33,7 +36,7 @@ is_ready() {
 }
 
 if is_ready; then
-    echo "setup_system: ready (Mesa $(dpkg-query -W -f '${Version}' mesa-vulkan-drivers), Vulkan loader, EGL, OSMesa)"
+    echo "setup_system: ready (Mesa $(dpkg-query -W -f '${Version}' mesa-vulkan-drivers), Vulkan loader, EGL)"
     exit 0
 fi
 if [[ "${1:-}" == "--check" ]]; then
@@ -64,7 +67,11 @@ EOF
     *) echo "setup_system: untested distribution '${VERSION_CODENAME:-?}'; trying the default Mesa" >&2 ;;
 esac
 apt-get update
-apt-get install -y --no-install-recommends "${target[@]}" "${PACKAGES[@]}"
+optional=()
+for pkg in "${OPTIONAL[@]}"; do
+    apt-cache show "$pkg" >/dev/null 2>&1 && optional+=("$pkg")
+done
+apt-get install -y --no-install-recommends "${target[@]}" "${PACKAGES[@]}" "${optional[@]}"
 
 if ! is_ready; then
     echo "setup_system: Mesa $(dpkg-query -W -f '${Version}' mesa-vulkan-drivers) installed; SAPIEN needs >= $MIN_MESA_MAJOR" >&2
