@@ -40,6 +40,12 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 Obs = dict[str, np.ndarray]
+
+
+def check_arg(ok: bool, name: str, message: str) -> None:
+    """Raises ``ValueError("<name>: <message>")`` unless ``ok``: env arguments name themselves."""
+    if not ok:
+        raise ValueError(f"{name}: {message}")
 Seed = int | Sequence[int] | np.ndarray | None
 
 

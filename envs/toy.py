@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from rlplat.envs.base import Obs, Seed, VectorEnv
+from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg
 
 # RGB of every colour name an env may use. Gray and near-black are left out on purpose: they are
 # the background and the gripper, and an object of that colour would be invisible in the image.
@@ -138,38 +138,38 @@ class ToyReachEnv(VectorEnv):
             ValueError: If an argument is out of range; the message names it.
         """
         colors = tuple(colors)
-        _check(
+        check_arg(
             _is_int(num_envs) and num_envs >= 1,
             "num_envs",
             f"must be an int >= 1, got {num_envs!r}",
         )
-        _check(len(colors) >= 1, "colors", "must name at least one colour")
+        check_arg(len(colors) >= 1, "colors", "must name at least one colour")
         unknown = [c for c in colors if c not in PALETTE]
-        _check(not unknown, "colors", f"unknown colour(s) {unknown}; allowed: {sorted(PALETTE)}")
-        _check(len(set(colors)) == len(colors), "colors", f"must be distinct, got {list(colors)}")
-        _check(
+        check_arg(not unknown, "colors", f"unknown colour(s) {unknown}; allowed: {sorted(PALETTE)}")
+        check_arg(len(set(colors)) == len(colors), "colors", f"must be distinct, got {list(colors)}")
+        check_arg(
             _is_int(num_objects) and 1 <= num_objects <= len(colors),
             "num_objects",
             f"must be an int in [1, len(colors)={len(colors)}], got {num_objects!r}",
         )
-        _check(obs_mode in OBS_MODES, "obs_mode", f"must be one of {OBS_MODES}, got {obs_mode!r}")
-        _check(
+        check_arg(obs_mode in OBS_MODES, "obs_mode", f"must be one of {OBS_MODES}, got {obs_mode!r}")
+        check_arg(
             reward_mode in REWARD_MODES,
             "reward_mode",
             f"must be one of {REWARD_MODES}, got {reward_mode!r}",
         )
-        _check(
+        check_arg(
             _is_int(image_size) and image_size >= 8,
             "image_size",
             f"must be an int >= 8, got {image_size!r}",
         )
-        _check(
+        check_arg(
             _is_int(max_episode_steps) and max_episode_steps >= 1,
             "max_episode_steps",
             f"must be an int >= 1, got {max_episode_steps!r}",
         )
-        _check(action_scale > 0, "action_scale", f"must be > 0, got {action_scale!r}")
-        _check(success_radius > 0, "success_radius", f"must be > 0, got {success_radius!r}")
+        check_arg(action_scale > 0, "action_scale", f"must be > 0, got {action_scale!r}")
+        check_arg(success_radius > 0, "success_radius", f"must be > 0, got {success_radius!r}")
 
         self.num_objects = int(num_objects)
         self.obs_mode = obs_mode
@@ -531,10 +531,6 @@ class ToyReachEnv(VectorEnv):
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
-
-def _check(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
 
 
 def _sample_layout(
