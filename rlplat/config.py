@@ -537,8 +537,11 @@ class TrainerConfig:
     eval_every: int = 20
     # Also evaluate before the first update (logged as step 0): the "before" of a fine-tuning run.
     eval_at_start: bool = False
-    # Episodes per evaluation (run in parallel, one per eval env).
+    # Episodes per evaluation, run in rounds of eval_num_envs parallel episodes.
     eval_episodes: int = 64
+    # Evaluation envs over all env workers (null: min(eval_episodes, env.num_envs)). Every
+    # simulator env costs memory (a ManiSkill CPU env is a ~350 MB process), so this bounds it.
+    eval_num_envs: int | None = None
     # Seeds of the evaluation episodes: null draws them from the run seed; an int s uses
     # s, s+1, ... (LIBERO: 0 gives the official protocol's tasks x init states).
     eval_seed_start: int | None = None

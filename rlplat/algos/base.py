@@ -60,7 +60,7 @@ class Algorithm(abc.ABC):
     # ----------------------------------------------------------------- rollout shape
     @abc.abstractmethod
     def rollout_steps(self, max_episode_steps: int) -> int:
-        """Env steps per env per iteration."""
+        """Env steps per env per iteration (None while an episodic algorithm's ``max_episode_steps`` is None)."""
 
     def reset_seeds(self, num_envs: int, rng: np.random.Generator) -> list[int] | None:
         """Per-env seeds for the envs at the start of an iteration (episodic algorithms)."""
@@ -71,19 +71,26 @@ class Algorithm(abc.ABC):
         """Whether a frozen reference policy must score the rollouts."""
         return False
 
-    def check(self, num_envs: int, max_episode_steps: int, num_env_workers: int, num_actor_workers: int) -> None:
-        """Checks that the sizes fit together; raises BatchArithmeticError naming the numbers."""
+    def check(self, num_envs: int, max_episode_steps: int | None, num_env_workers: int, num_actor_workers: int) -> None:
+        """Checks that the sizes fit together; raises BatchArithmeticError naming the numbers.
+
+        ``max_episode_steps=None`` (the env's own limit, known once it is built) skips the row
+        arithmetic that depends on it; the loop checks again with the env's value.
+        """
         if num_envs % num_env_workers:
             raise BatchArithmeticError(
                 f"env.num_envs={num_envs} must be a multiple of the {num_env_workers} env workers "
                 f"(placement.roles.env); use env.num_envs={num_env_workers * max(1, num_envs // num_env_workers)}"
             )
-        rows = num_envs * self.rollout_steps(max_episode_steps)
+        steps = self.rollout_steps(max_episode_steps)
+        if steps is None:  # episodic: the env's limit is not known yet
+            return
+        rows = num_envs * steps
         minibatches = self.cfg["num_minibatches"]
         if rows % (minibatches * num_actor_workers):
             raise BatchArithmeticError(
                 f"a rollout holds env.num_envs={num_envs} x rollout_steps="
-                f"{self.rollout_steps(max_episode_steps)} = {rows} rows, which does not split into "
+                f"{steps} = {rows} rows, which does not split into "
                 f"algo.num_minibatches={minibatches} x {num_actor_workers} actor workers; "
                 f"pick sizes so that {minibatches * num_actor_workers} divides {rows}"
             )

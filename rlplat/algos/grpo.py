@@ -54,7 +54,7 @@ class GRPO(Algorithm):
         group_seeds = rng.integers(0, 2**31 - 1, size=num_envs // group_size)
         return [int(s) for s in np.repeat(group_seeds, group_size)]
 
-    def check(self, num_envs: int, max_episode_steps: int, num_env_workers: int, num_actor_workers: int) -> None:
+    def check(self, num_envs: int, max_episode_steps: int | None, num_env_workers: int, num_actor_workers: int) -> None:
         group_size = self.cfg["group_size"]
         if group_size < 2 or num_envs % group_size:
             raise BatchArithmeticError(

@@ -39,8 +39,13 @@ FINAL = "final/"
 _EPISODE_KEYS = ("rewards", "terminated", "truncated", "success", "episode_return", "episode_length")
 
 
-def check_config(cfg: DictConfig) -> Algorithm:
-    """Builds the algorithm and checks the batch arithmetic before anything starts."""
+def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algorithm:
+    """Builds the algorithm and checks the batch arithmetic before anything starts.
+
+    With ``env.max_episode_steps=null`` (the simulator's own limit) the arithmetic that depends
+    on the episode length waits for ``max_episode_steps``, which the loop passes once the env
+    reports it.
+    """
     algo: Algorithm = instantiate(cfg.algo, _convert_="all")
     roles = cfg.placement.roles
     for role in ("env", "rollout", "actor"):
@@ -57,7 +62,7 @@ def check_config(cfg: DictConfig) -> Algorithm:
         )
     algo.check(
         num_envs=cfg.env.num_envs,
-        max_episode_steps=cfg.env.max_episode_steps,
+        max_episode_steps=cfg.env.max_episode_steps if cfg.env.max_episode_steps is not None else max_episode_steps,
         num_env_workers=len(parse_devices(roles.env)) * int(cfg.placement.get("pipeline_stages", 1)),
         num_actor_workers=len(parse_devices(roles.actor)),
     )
@@ -222,45 +227,62 @@ class EmbodiedLoop:
             self.rollout.set_weights(self.actor.get_weights())
 
     def evaluate(self, video_path: Path | None = None) -> dict[str, float]:
-        """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes."""
+        """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes.
+
+        The episodes run in rounds of ``eval_num_envs`` (one episode per eval env per round);
+        every episode is fixed by its seed, so the result does not depend on the round size.
+        """
         n = self.cfg.trainer.eval_episodes
         start = self.cfg.trainer.get("eval_seed_start")
         if start is None:
             seeds = np.random.default_rng([self.cfg.seed, 1]).integers(0, 2**31 - 1, size=n)
         else:
             seeds = np.arange(int(start), int(start) + n)
-        obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}), split="eval")
+        rounds = [self._eval_round(seeds[i:i + self.num_eval_envs], video_path if i == 0 else None)
+                  for i in range(0, n, self.num_eval_envs)]
+        success, returns, lengths, tasks = (torch.cat(parts) if parts[0] is not None else None
+                                            for parts in zip(*rounds))
+        metrics = {
+            "eval/success_rate": float(success.mean()),
+            "eval/episode_return": float(returns.mean()),
+            "eval/episode_length": float(lengths.mean()),
+        }
         # Multi-task envs (LIBERO) tag episodes with their task: success is also reported per task.
-        tasks = obs["task_index"].clone() if "task_index" in obs.keys() else None
-        ended = torch.zeros(n, dtype=torch.bool)
+        if tasks is not None:
+            for task in sorted(set(tasks.tolist())):
+                metrics[f"eval/success_task_{task}"] = float(success[tasks == task].mean())
+        return metrics
+
+    def _eval_round(self, seeds: np.ndarray, video_path: Path | None) -> tuple[torch.Tensor, ...]:
+        """One episode on each of the first ``len(seeds)`` eval envs; returns per-episode
+        (success, return, length, task index or None). Eval envs beyond ``len(seeds)`` (the last
+        round) run an episode of the next seeds that is not counted."""
+        n, spare = len(seeds), self.num_eval_envs - len(seeds)
+        padded = np.concatenate([seeds, seeds[-1] + 1 + np.arange(spare)]) if spare else seeds
+        obs = self.envs.reset(Batch({"seed": torch.tensor(padded)}), split="eval")
+        tasks = obs["task_index"][:n].clone() if "task_index" in obs.keys() else None
+        ended = torch.zeros(self.num_eval_envs, dtype=torch.bool)
+        ended[n:] = True
         success, returns = torch.zeros(n), torch.zeros(n)
         lengths = torch.full((n,), float(self.max_episode_steps))
         frames = [self.envs.render(split="eval", index=0)] if video_path else []
         for _ in range(self.max_episode_steps):
             out = self.rollout.act(obs, deterministic=True)
             result = self.envs.step(out.select("actions"), split="eval")
-            new = (result["terminated"] | result["truncated"]) & ~ended
-            success[new] = result["success"][new].float()
-            returns[new] = result["episode_return"][new]
-            lengths[new] = result["episode_length"][new].float()
+            new = ((result["terminated"] | result["truncated"]) & ~ended)[:n]
+            success[new] = result["success"][:n][new].float()
+            returns[new] = result["episode_return"][:n][new]
+            lengths[new] = result["episode_length"][:n][new].float()
             # Env 0 auto-resets when its episode ends, so the video stops at the step before.
             if video_path and not (ended[0] or new[0]):
                 frames.append(self.envs.render(split="eval", index=0))
-            ended |= new
+            ended[:n] |= new
             obs = result.select(*self.obs_keys)
             if ended.all():
                 break
         if video_path and frames:
             save_video(frames, video_path)
-        metrics = {
-            "eval/success_rate": float(success.mean()),
-            "eval/episode_return": float(returns.mean()),
-            "eval/episode_length": float(lengths.mean()),
-        }
-        if tasks is not None:
-            for task in sorted(set(tasks.tolist())):
-                metrics[f"eval/success_task_{task}"] = float(success[tasks == task].mean())
-        return metrics
+        return success, returns, lengths, tasks
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
@@ -321,9 +343,18 @@ class EmbodiedLoop:
                                self.placement.share("env") / stages, init_kwargs={**env_kwargs, **sizes},
                                name=name, env_vars=env_vars)
 
-        self.envs = EnvStages(env_group, stages, self.num_envs, cfg.trainer.eval_episodes)
+        eval_envs = cfg.trainer.get("eval_num_envs")
+        self.num_eval_envs = int(eval_envs) if eval_envs else min(cfg.trainer.eval_episodes, self.num_envs)
+        self.envs = EnvStages(env_group, stages, self.num_envs, self.num_eval_envs)
         spec = self.envs.spec()
         self.max_episode_steps = spec["max_episode_steps"]
+        if cfg.env.max_episode_steps is None:
+            try:  # the env's own episode limit is known now
+                check_config(cfg, self.max_episode_steps)
+            except BaseException:
+                self.envs.shutdown()
+                self.placement.remove()
+                raise
         self.obs_keys = list(spec["observation_space"].spaces)
         self.policy_groups: list[WorkerGroup] = []
         for roles in self.placement.fused_groups():

@@ -135,10 +135,11 @@ class EnvStages:
     def __init__(self, make_group: Any, stages: int, num_envs: int, num_eval_envs: int) -> None:
         if stages < 1:
             raise ValueError(f"placement.pipeline_stages={stages} must be >= 1")
-        for split, total in (("env.num_envs", num_envs), ("trainer.eval_episodes", num_eval_envs)):
+        for split, total in (("env.num_envs", num_envs), ("trainer.eval_num_envs", num_eval_envs)):
             if total < stages:
                 raise ValueError(f"{split}={total} is smaller than placement.pipeline_stages={stages}: "
-                                 "every stage needs at least one env")
+                                 "every stage needs at least one env (eval envs: trainer.eval_num_envs, "
+                                 "default min(trainer.eval_episodes, env.num_envs))")
         self.groups = []
         try:
             for k in range(stages):

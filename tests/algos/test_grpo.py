@@ -80,6 +80,10 @@ def test_loss_masks_rows_and_adds_kl_to_reference():
 def test_group_arithmetic_errors():
     with pytest.raises(BatchArithmeticError, match="num_envs=30 must be a multiple of algo.group_size=8"):
         make_grpo(group_size=8).check(30, 50, 1, 1)
+    # The env's own episode limit (env.max_episode_steps=null) is checked once the env reports it.
+    make_grpo(group_size=2, num_minibatches=3).check(4, None, 1, 1)
+    with pytest.raises(BatchArithmeticError, match=r"rollout_steps=50 = 200 rows.*num_minibatches=3"):
+        make_grpo(group_size=2, num_minibatches=3).check(4, 50, 1, 1)
     with pytest.raises(ValueError, match="algo.outcome"):
         make_grpo(outcome="reward")
     with pytest.raises(ValueError, match="algo.kl_kind"):

@@ -155,6 +155,20 @@ def test_instruction_falls_back_to_the_task_docstring():
     assert task_instruction("OpenCabinetDrawer-v1").startswith("use the fetch mobile manipulation robot")
 
 
+def test_task_episode_limit_is_checked_once_known(ray_local, tmp_path):
+    # env.max_episode_steps unset: GRPO's rollout is PushCube's own 50 steps, known only once the
+    # env is built; 2 envs x 50 rows do not split into 3 minibatches.
+    from rlplat.algos.base import BatchArithmeticError
+    from rlplat.config import compose
+    from rlplat.train import run
+
+    cfg = compose(["policy=mlp", "env=maniskill_pushcube", "algo=grpo", "algo.group_size=2", "algo.num_minibatches=3",
+                   "env.num_envs=2", "env.vector=sync", "trainer.eval_episodes=2", "logger.progress_bar=false"])
+    assert cfg.env.max_episode_steps is None
+    with pytest.raises(BatchArithmeticError, match=r"rollout_steps=50 = 100 rows.*num_minibatches=3"):
+        run(cfg, tmp_path)
+
+
 @pytest.mark.parametrize("policy,obs_mode", [("mlp", "state"), ("cnn", "rgb")])
 def test_ppo_runs_through_the_platform(ray_local, tmp_path, policy, obs_mode):
     from rlplat.config import compose

@@ -208,6 +208,25 @@ def test_eval_at_start_logs_the_loaded_policy_as_step_0(ray_local, tmp_path):
     assert "train/loss" not in rows[0] and "eval/success_rate" in rows[1]
 
 
+def test_evaluation_in_rounds_equals_one_round(ray_local, tmp_path):
+    # 7 episodes on 3 eval envs (rounds of 3, 3, 1) give the same per-episode results as 7 envs at
+    # once: every episode is fixed by its seed. The policy is untrained (deterministic actions).
+    # The default (null) is min(eval_episodes, env.num_envs) = min(7, 8).
+    results = {}
+    for eval_envs, expected in (("null", 7), ("3", 3)):
+        cfg = compose([*SMALL, "trainer.eval_episodes=7", f"trainer.eval_num_envs={eval_envs}",
+                       "trainer.eval_seed_start=100", "trainer.save_video=false"])
+        loop = EmbodiedLoop(cfg, tmp_path / eval_envs)
+        try:
+            assert loop.num_eval_envs == expected
+            results[expected] = loop.evaluate(video_path=tmp_path / f"{expected}.gif")
+        finally:
+            loop.shutdown()
+    assert results[3] == pytest.approx(results[7], abs=1e-5)
+    assert results[7]["eval/episode_return"] != 0  # not a comparison of two empty evaluations
+    assert (tmp_path / "3.gif").stat().st_size > 0
+
+
 def test_pipelined_rollout_keeps_rows_aligned(ray_local, tmp_path):
     # Two env stages on device 0, the policy on device 1: stage k simulates while the policy acts
     # for the other stage. The interleaving must not mix rows: in the toy task the gripper moves
@@ -258,7 +277,7 @@ def test_env_stages_equal_one_env_group(ray_local):
                 torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
         assert len(two.get_state()) == 2
         with pytest.raises(ValueError, match="pipeline_stages=3"):
-            make(3)  # eval_episodes=2 < 3 stages
+            make(3)  # num_eval_envs=2 < 3 stages
     finally:
         one.shutdown()
         two.shutdown()
