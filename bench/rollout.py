@@ -6,15 +6,19 @@
 Three measurements in one run, all in env steps per second (one env step = one env advancing once):
 
 1. **raw**: the env class alone in this process (``instantiate(env)``), ``reset`` + one episode of
-   zero actions, as fast as the simulator goes (``--num-envs`` envs, ``env.vector`` as configured).
+   zero actions, as fast as the simulator goes (``--num-envs`` envs, ``env.vector`` as configured),
+   once per ``--envs-per-process`` value (ManiSkill/LIBERO CPU: 1 = a subprocess per scene).
 2. **platform, no-op policy**: the same env config as an EnvWorker behind Ray, driven by
    ``EmbodiedLoop.collect_rollout`` with ``policy=constant`` (zero actions) on the colocated
    placement: the same reset + episode, plus Ray calls, Batch transfers and record assembly.
-   ``overhead ratio`` = platform / raw (goal >= 0.9).
+   ``overhead ratio`` = platform / raw (goal >= 0.9). The controller's waits per env step are
+   split into ``act`` (the policy round trip) and ``env`` (the env worker round trip).
 3. **sequential vs pipelined, tiny VLA on camera images**: ``policy=openvla_tiny`` with the env in
    rgb mode, the env on one device and the policy on the other (``placement=disaggregated``) vs
    the same with ``placement.pipeline_stages=2`` (``placement=pipelined``: stage 0 simulates while
    the policy acts for stage 1). ``speedup`` = pipelined / sequential (goal >= 1.6 on 2 cores).
+   Overlap can at best hide the shorter of the two waits: ``bound`` = (act + env) / max(act, env)
+   from the sequential run.
 
 Each platform number is the median over ``--repeats`` rollouts after one warm-up rollout. Prints
 a table and writes bench/results/rollout.json.
@@ -67,18 +71,21 @@ def raw_steps_per_s(overrides: list[str], repeats: int) -> float:
         env.close()
 
 
-def platform_steps_per_s(overrides: list[str], repeats: int) -> float:
-    """Env steps/s of ``EmbodiedLoop.collect_rollout`` (median of repeats after a warm-up)."""
+def platform_steps_per_s(overrides: list[str], repeats: int) -> dict[str, float]:
+    """Env steps/s of ``EmbodiedLoop.collect_rollout`` and the controller's waits per step in ms
+    (``act_ms``, ``env_ms``), medians of repeats after a warm-up."""
     cfg = compose(overrides)
     loop = EmbodiedLoop(cfg, Path(tempfile.mkdtemp(prefix="rlplat-bench-rollout-")))
     try:
-        rates = []
+        rows = []
         for r in range(repeats + 1):
             t0 = time.perf_counter()
-            loop.collect_rollout()
+            _, metrics = loop.collect_rollout()
             if r > 0:
-                rates.append(loop.num_envs * loop.num_steps / (time.perf_counter() - t0))
-        return statistics.median(rates)
+                rows.append({"steps_per_s": loop.num_envs * loop.num_steps / (time.perf_counter() - t0),
+                             "act_ms": 1e3 * metrics["perf/rollout_act_s"] / loop.num_steps,
+                             "env_ms": 1e3 * metrics["perf/rollout_env_s"] / loop.num_steps})
+        return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
     finally:
         loop.shutdown()
 
@@ -92,6 +99,8 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--parts", nargs="+", choices=["noop", "vla"], default=["noop", "vla"])
     parser.add_argument("--num-envs", type=int, default=16, help="envs of the raw vs platform comparison")
+    parser.add_argument("--envs-per-process", type=int, nargs="+", default=[1, 8],
+                        help="env.envs_per_process values of the raw vs platform comparison (CPU simulators)")
     parser.add_argument("--episode-steps", type=int, default=50, help="env.max_episode_steps (steps per rollout)")
     parser.add_argument("--vla-num-envs", type=int, default=8, help="envs of the sequential vs pipelined comparison")
     parser.add_argument("--vla-episode-steps", type=int, default=10)
@@ -104,38 +113,48 @@ def main() -> None:
     backend = [f"env.sim_backend={args.sim_backend}"] if args.env == "maniskill" else []
     placement_gpu = ["placement.use_gpu=true"] if args.gpu else []
     env = [*ENVS[args.env], *backend, f"env.max_episode_steps={args.episode_steps}", *args.set]
-    noop = [*env, f"env.num_envs={args.num_envs}"]
     camera = "env.obs_mode=rgb" if args.env == "maniskill" else "env.obs_mode=state+rgb"
     vla = [*ENVS[args.env], *backend, f"env.max_episode_steps={args.vla_episode_steps}", f"env.num_envs={args.vla_num_envs}",
            camera, f"env.image_size={args.image_size}", "policy=openvla_tiny", *args.set]
     result: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    # The toy env has no processes to group.
+    groupings = args.envs_per_process if args.env != "toy" else [None]
 
     with ray_session(ClusterConfig(num_cpus=args.num_cpus)):
         if "noop" in args.parts:
-            result["raw_steps_per_s"] = raw_steps_per_s(noop, args.repeats)
-            print(f"raw simulator, no-op:      {result['raw_steps_per_s']:9.1f} env steps/s", flush=True)
-            result["platform_steps_per_s"] = platform_steps_per_s(
-                [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu], args.repeats)
-            print(f"platform, no-op policy:    {result['platform_steps_per_s']:9.1f} env steps/s", flush=True)
-            result["overhead_ratio"] = result["platform_steps_per_s"] / result["raw_steps_per_s"]
+            result["noop"] = []
+            for per_process in groupings:
+                noop = [*env, f"env.num_envs={args.num_envs}"]
+                noop += [f"env.envs_per_process={per_process}"] if per_process is not None else []
+                raw = raw_steps_per_s(noop, args.repeats)
+                print(f"raw simulator, no-op, {per_process} env(s)/process: {raw:9.1f} env steps/s", flush=True)
+                platform = platform_steps_per_s(
+                    [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu], args.repeats)
+                print(f"platform, no-op policy:              {platform['steps_per_s']:9.1f} env steps/s", flush=True)
+                result["noop"].append({"envs_per_process": per_process, "raw_steps_per_s": raw,
+                                       "platform": platform, "overhead_ratio": platform["steps_per_s"] / raw})
         if "vla" in args.parts:
-            result["sequential_steps_per_s"] = platform_steps_per_s(
-                [*vla, *COMMON, "placement=disaggregated", *placement_gpu], args.repeats)
-            print(f"tiny VLA, sequential:      {result['sequential_steps_per_s']:9.1f} env steps/s", flush=True)
-            result["pipelined_steps_per_s"] = platform_steps_per_s(
-                [*vla, *COMMON, "placement=pipelined", *placement_gpu], args.repeats)
-            print(f"tiny VLA, pipelined (K=2): {result['pipelined_steps_per_s']:9.1f} env steps/s", flush=True)
-            result["pipeline_speedup"] = result["pipelined_steps_per_s"] / result["sequential_steps_per_s"]
+            seq = platform_steps_per_s([*vla, *COMMON, "placement=disaggregated", *placement_gpu], args.repeats)
+            print(f"tiny VLA, sequential:      {seq['steps_per_s']:9.1f} env steps/s", flush=True)
+            pipe = platform_steps_per_s([*vla, *COMMON, "placement=pipelined", *placement_gpu], args.repeats)
+            print(f"tiny VLA, pipelined (K=2): {pipe['steps_per_s']:9.1f} env steps/s", flush=True)
+            result["vla"] = {"sequential": seq, "pipelined": pipe,
+                             "pipeline_speedup": pipe["steps_per_s"] / seq["steps_per_s"],
+                             "overlap_bound": (seq["act_ms"] + seq["env_ms"]) / max(seq["act_ms"], seq["env_ms"])}
 
-    print(f"\n{'measurement':<36} {'env steps/s':>12} {'ratio':>8} {'goal':>6}")
-    if "noop" in args.parts:
-        print(f"{'raw simulator, no-op':<36} {result['raw_steps_per_s']:>12.1f}")
-        print(f"{'platform, no-op policy':<36} {result['platform_steps_per_s']:>12.1f} "
-              f"{result['overhead_ratio']:>8.2f} {'>=0.9':>6}")
-    if "vla" in args.parts:
-        print(f"{'tiny VLA rgb, sequential':<36} {result['sequential_steps_per_s']:>12.1f}")
-        print(f"{'tiny VLA rgb, pipelined (2 stages)':<36} {result['pipelined_steps_per_s']:>12.1f} "
-              f"{result['pipeline_speedup']:>8.2f} {'>=1.6':>6}")
+    print(f"\n{'measurement':<40} {'env steps/s':>12} {'act ms':>8} {'env ms':>8} {'ratio':>7} {'goal':>6}")
+    for row in result.get("noop", []):
+        p, name = row["platform"], f"raw simulator, {row['envs_per_process']} env(s)/process"
+        print(f"{name:<40} {row['raw_steps_per_s']:>12.1f}")
+        print(f"{'platform, no-op policy':<40} {p['steps_per_s']:>12.1f} {p['act_ms']:>8.2f} {p['env_ms']:>8.2f} "
+              f"{row['overhead_ratio']:>7.2f} {'>=0.9':>6}")
+    if "vla" in result:
+        v = result["vla"]
+        for name, key in (("tiny VLA rgb, sequential", "sequential"), ("tiny VLA rgb, pipelined (2 stages)", "pipelined")):
+            r = v[key]
+            ratio = f"{v['pipeline_speedup']:>7.2f} {'>=1.6':>6}" if key == "pipelined" else ""
+            print(f"{name:<40} {r['steps_per_s']:>12.1f} {r['act_ms']:>8.2f} {r['env_ms']:>8.2f} {ratio}")
+        print(f"{'overlap bound (act+env)/max(act,env)':<40} {'':>12} {'':>8} {'':>8} {v['overlap_bound']:>7.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

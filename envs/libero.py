@@ -23,7 +23,7 @@ import gymnasium
 import numpy as np
 
 from rlplat.envs.base import Obs, check_arg
-from rlplat.envs.sim import ProcessVector, SimVectorEnv, spaces_of
+from rlplat.envs.sim import SimVectorEnv, process_vector, spaces_of
 
 #: Episode limits of the official OpenVLA / openpi LIBERO evaluation (longest demo + margin).
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
@@ -207,6 +207,7 @@ class LiberoEnv(SimVectorEnv):
         max_episode_steps: int | None = None,
         settle_steps: int = 10,
         vector: str = "async",
+        envs_per_process: int = 1,
         context: str | None = "forkserver",
     ) -> None:
         """Builds ``num_envs`` LIBERO scenes; call ``reset`` before ``step``.
@@ -219,7 +220,8 @@ class LiberoEnv(SimVectorEnv):
             wrist_camera: Also return ``wrist_image``.
             max_episode_steps: Episode limit (None: the suite's, ``SUITE_MAX_STEPS``).
             settle_steps: No-op steps after each reset while objects settle (not counted).
-            vector: "async" (a subprocess per scene) or "sync" (all in this process).
+            vector: "async" (subprocesses) or "sync" (all in this process).
+            envs_per_process: async: scenes per subprocess, stepped one after another there.
             context: multiprocessing start method of the async vector.
 
         Raises:
@@ -238,7 +240,8 @@ class LiberoEnv(SimVectorEnv):
         self.task_ids = task_ids
         kwargs = {"suite": suite, "task_ids": task_ids, "image_size": image_size, "wrist_camera": wrist_camera,
                   "max_episode_steps": max_episode_steps or SUITE_MAX_STEPS[suite], "settle_steps": settle_steps}
-        sim = ProcessVector([functools.partial(_single, kwargs) for _ in range(num_envs)], vector, context)
+        sim = process_vector([functools.partial(_single, kwargs) for _ in range(num_envs)], vector, context,
+                             envs_per_process)
         super().__init__(sim, num_envs)
 
     def instructions(self, obs: Obs) -> list[str]:

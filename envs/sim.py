@@ -3,8 +3,10 @@
 A simulator env is a *backend* that steps N scenes and returns contract observations (numpy,
 without ``instruction``), wrapped by ``SimVectorEnv``, which adds what every simulator needs the
 same way: instructions, episode returns and lengths, SAME_STEP auto-reset with ``final_obs``, the
-snapshot for checkpoints. Two backends exist: ``ProcessVector`` (one single-scene gymnasium env
-per subprocess, or all in this process: CPU simulators) and a simulator's own batched env
+snapshot for checkpoints. The backends: ``ProcessVector`` (one single-scene gymnasium env per
+subprocess, or all in this process), ``GroupedProcessVector`` (several scenes per subprocess,
+stepped one after another there: fewer processes, less memory, less switching on small CPUs),
+both for CPU simulators and built by ``process_vector``, and a simulator's own batched env
 (ManiSkill on the GPU).
 
 A backend has ``observation_space`` (single, contract keys), ``action_space`` (single),
@@ -17,6 +19,7 @@ terminated, truncated, success)``, ``render(index)``, ``snapshot()``, ``restore(
 from __future__ import annotations
 
 import abc
+import functools
 import string
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -102,6 +105,147 @@ class ProcessVector:
 
     def close(self) -> None:
         self.vec.close()
+
+
+class _EnvGroup(gymnasium.Env):
+    """Several single-scene envs in one process, stepped one after another: one subprocess of a
+    ``GroupedProcessVector``. Its ``*_group`` methods take and return batches over its envs.
+
+    Only the first env is built up front (gymnasium builds a throwaway copy of sub-env 0 in the
+    parent to read the spaces, which are a single scene's); the others on first use.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], gymnasium.Env]]) -> None:
+        self._fns = list(env_fns)
+        self.envs = [self._fns[0]()]
+        self.observation_space = self.envs[0].observation_space
+        self.action_space = self.envs[0].action_space
+        self.max_episode_steps = self.envs[0].max_episode_steps
+        self._last: list[Obs] = []
+
+    def _all(self) -> list[gymnasium.Env]:
+        while len(self.envs) < len(self._fns):
+            self.envs.append(self._fns[len(self.envs)]())
+        return self.envs
+
+    @staticmethod
+    def _stack(rows: list[Obs]) -> Obs:
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def reset_group(self, seeds: list[int]) -> Obs:
+        self._last = [env.reset(seed=int(seed))[0] for env, seed in zip(self._all(), seeds, strict=True)]
+        return self._stack(self._last)
+
+    def reset_rows_group(self, mask: np.ndarray) -> Obs:
+        for i in np.flatnonzero(mask):
+            self._last[i] = self.envs[i].reset()[0]
+        return self._stack(self._last)
+
+    def step_group(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        out = [env.step(action) for env, action in zip(self.envs, actions, strict=True)]
+        self._last = [o[0] for o in out]
+        return (self._stack(self._last), np.array([o[1] for o in out], np.float64), np.array([o[2] for o in out], bool),
+                np.array([o[3] for o in out], bool), np.array([bool(o[4].get("success", False)) for o in out]))
+
+    def render_env(self, index: int) -> np.ndarray:
+        return self.envs[index].render()
+
+    def snapshot_group(self) -> list[dict[str, Any]]:
+        return [env.snapshot() for env in self.envs]
+
+    def restore_group(self, snaps: list[dict[str, Any]]) -> None:
+        for env, snap in zip(self._all(), snaps, strict=True):
+            env.restore(snap)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
+        raise NotImplementedError("an env group resets through reset_group")
+
+    def step(self, action: np.ndarray) -> Any:
+        raise NotImplementedError("an env group steps through step_group")
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+class GroupedProcessVector:
+    """The ``ProcessVector`` interface with ``envs_per_process`` scenes in each subprocess.
+
+    The envs are split into contiguous groups (sizes as ``np.array_split``); every call goes to
+    all groups at once and their answers are concatenated in env order, so the rows, seeds and
+    episodes are those of a ``ProcessVector`` over the same env functions.
+    """
+
+    def __init__(self, env_fns: Sequence[Callable[[], gymnasium.Env]], envs_per_process: int, context: str | None) -> None:
+        fns = list(env_fns)
+        chunks = np.array_split(np.arange(len(fns)), -(-len(fns) // envs_per_process))
+        self.slices = [slice(int(c[0]), int(c[-1]) + 1) for c in chunks]
+        self.vec = gymnasium.vector.AsyncVectorEnv(
+            [functools.partial(_EnvGroup, fns[sl]) for sl in self.slices], context=context,
+            shared_memory=False, autoreset_mode=gymnasium.vector.AutoresetMode.DISABLED)
+        self.observation_space = self.vec.single_observation_space
+        self.action_space = self.vec.single_action_space
+        self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
+
+    def _call_each(self, name: str, args: Sequence[tuple]) -> list[Any]:
+        """``name(*args[g])`` on every group g at once (gymnasium's ``call`` passes the same
+        arguments to every sub-env); returns the answers in group order."""
+        for pipe, a in zip(self.vec.parent_pipes, args, strict=True):
+            pipe.send(("_call", (name, a, {})))
+        results, successes = zip(*[pipe.recv() for pipe in self.vec.parent_pipes])
+        self.vec._raise_if_errors(successes)
+        return list(results)
+
+    @staticmethod
+    def _concat(parts: list[Obs]) -> Obs:
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def reset(self, seeds: list[int]) -> Obs:
+        return self._concat(self._call_each("reset_group", [(list(seeds[sl]),) for sl in self.slices]))
+
+    def reset_rows(self, mask: np.ndarray) -> Obs:
+        mask = np.asarray(mask, bool)
+        return self._concat(self._call_each("reset_rows_group", [(mask[sl],) for sl in self.slices]))
+
+    def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        parts = self._call_each("step_group", [(actions[sl],) for sl in self.slices])
+        obs = self._concat([p[0] for p in parts])
+        return (obs, *(np.concatenate([p[i] for p in parts]) for i in range(1, 5)))
+
+    def _group_of(self, index: int) -> tuple[int, int]:
+        for g, sl in enumerate(self.slices):
+            if sl.start <= index < sl.stop:
+                return g, index - sl.start
+        raise IndexError(f"env index {index} out of range for {self.slices[-1].stop} envs")
+
+    def render(self, index: int) -> np.ndarray:
+        group, inner = self._group_of(index)
+        pipe = self.vec.parent_pipes[group]
+        pipe.send(("_call", ("render_env", (inner,), {})))
+        frame, ok = pipe.recv()
+        if not ok:
+            raise RuntimeError(f"render: env {index} failed (its subprocess logged the error)")
+        return frame
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [snap for group in self._call_each("snapshot_group", [()] * len(self.slices)) for snap in group]
+
+    def restore(self, snaps: list[dict[str, Any]]) -> None:
+        self._call_each("restore_group", [(snaps[sl],) for sl in self.slices])
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+def process_vector(env_fns: Sequence[Callable[[], gymnasium.Env]], vector: str, context: str | None,
+                   envs_per_process: int = 1) -> ProcessVector | GroupedProcessVector:
+    """The CPU backend for ``vector`` ("async" or "sync") with ``envs_per_process`` scenes per
+    subprocess (async only; 1: gymnasium's AsyncVectorEnv, a subprocess per scene)."""
+    if not isinstance(envs_per_process, int) or envs_per_process < 1:
+        raise ValueError(f"envs_per_process: must be an int >= 1, got {envs_per_process!r}")
+    if vector == "async" and envs_per_process > 1 and len(env_fns) > 1:
+        return GroupedProcessVector(env_fns, envs_per_process, context)
+    return ProcessVector(env_fns, vector, context)
 
 
 class SimVectorEnv(VectorEnv, abc.ABC):

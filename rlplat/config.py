@@ -231,8 +231,11 @@ class ManiSkillEnvConfig:
     reward_mode: str = "normalized_dense"
     # auto (physx_cuda with a GPU, else physx_cpu), physx_cpu or physx_cuda.
     sim_backend: str = "auto"
-    # CPU path: async (a subprocess per env) or sync (all in the worker process).
+    # CPU path: async (subprocesses) or sync (all in the worker process).
     vector: str = "async"
+    # CPU async path: scenes per subprocess, stepped in turn (1: a process per scene; a few
+    # processes of several scenes use a small CPU better and need a fraction of the memory).
+    envs_per_process: int = 1
     # Camera side in pixels (rgb modes).
     image_size: int = 128
     # ManiSkill sensor behind the image key.
@@ -273,8 +276,10 @@ class LiberoEnvConfig:
     max_episode_steps: int | None = None
     # No-op steps after each reset while objects settle.
     settle_steps: int = 10
-    # async (a subprocess per scene) or sync (all in the worker process).
+    # async (subprocesses) or sync (all in the worker process).
     vector: str = "async"
+    # async: scenes per subprocess, stepped in turn (1: a process per scene).
+    envs_per_process: int = 1
     # Start method of the async vector (forkserver, spawn or fork).
     context: str | None = "forkserver"
 

@@ -83,6 +83,8 @@ class EmbodiedLoop:
         # Pipelined rollout: env stages overlap with policy inference (not for scripted experts).
         self.pipelined = self.envs.stages > 1 and not self.algo.uses_expert
         self.obs: Batch | None = None
+        # Seconds the controller waited for actions and for env steps in the last rollout.
+        self._waits = {"act": 0.0, "env": 0.0}
         # Action statistics computed from demonstrations (SFT), once per run.
         self.action_stats: dict[str, Any] | None = None
 
@@ -128,6 +130,7 @@ class EmbodiedLoop:
             self.obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}))
         records, ended = [], torch.zeros(self.num_envs, dtype=torch.bool)
         returns, lengths, successes = [], [], []
+        self._waits = {"act": 0.0, "env": 0.0}
         transitions = self._pipelined_steps() if self.pipelined else self._steps()
         for obs, out, result in transitions:
             record = obs.select(*self.obs_keys)
@@ -149,7 +152,8 @@ class EmbodiedLoop:
         if self.algo.needs_value:
             batch.meta["last_values"] = self.rollout.value(self.obs)["values"]
         stats = {k: torch.cat(v) for k, v in (("return", returns), ("length", lengths), ("success", successes))}
-        metrics = {"train/episodes": float(len(stats["return"]))}
+        metrics = {"train/episodes": float(len(stats["return"])),
+                   "perf/rollout_act_s": self._waits["act"], "perf/rollout_env_s": self._waits["env"]}
         if len(stats["return"]):
             metrics |= {
                 "train/episode_return": float(stats["return"].mean()),
@@ -159,20 +163,27 @@ class EmbodiedLoop:
         return batch, metrics
 
     def _steps(self) -> Iterator[tuple[Batch, Batch, Batch]]:
-        """``num_steps`` times: act on every env, step every env; yields (obs, policy out, result)."""
+        """``num_steps`` times: act on every env, step every env; yields (obs, policy out, result).
+
+        ``self._waits`` adds up the controller's time waiting for actions and for env steps."""
         for _ in range(self.num_steps):
+            t0 = time.perf_counter()
             if self.algo.uses_expert:
                 out, executed = self._expert_step()
             else:
                 out = self.rollout.act(self.obs, deterministic=False)
                 executed = out.select("actions")
+            t1 = time.perf_counter()
             result = self.envs.step(executed)
+            self._waits["act"] += t1 - t0
+            self._waits["env"] += time.perf_counter() - t1
             yield self.obs, out, result
             self.obs = result.select(*self.obs_keys)
 
     def _pipelined_steps(self) -> Iterator[tuple[Batch, Batch, Batch]]:
         """Like ``_steps``, with the envs in K stages: while stage k simulates, the policy acts for
-        stage k+1, so simulation and inference overlap (placement.pipeline_stages)."""
+        stage k+1, so simulation and inference overlap (placement.pipeline_stages). ``env`` waits
+        count only the time no action was being computed."""
         stages = self.envs.stages
         obs = self.envs.stage_rows(self.obs)
         outs: list[Batch | None] = [None] * stages
@@ -181,11 +192,15 @@ class EmbodiedLoop:
             done_step = []
             for k in range(stages):
                 if t > 0:
+                    t0 = time.perf_counter()
                     result = calls[k].get()
+                    self._waits["env"] += time.perf_counter() - t0
                     done_step.append((obs[k], outs[k], result))
                     obs[k] = result.select(*self.obs_keys)
                 if t < self.num_steps:
+                    t0 = time.perf_counter()
                     outs[k] = self.rollout.act(obs[k], deterministic=False)
+                    self._waits["act"] += time.perf_counter() - t0
                     calls[k] = self.envs.step_async(k, outs[k].select("actions"))
             if t > 0:
                 yield tuple(Batch.concat(list(parts)) for parts in zip(*done_step))
@@ -260,7 +275,7 @@ class EmbodiedLoop:
         n, spare = len(seeds), self.num_eval_envs - len(seeds)
         padded = np.concatenate([seeds, seeds[-1] + 1 + np.arange(spare)]) if spare else seeds
         obs = self.envs.reset(Batch({"seed": torch.tensor(padded)}), split="eval")
-        tasks = obs["task_index"][:n].clone() if "task_index" in obs.keys() else None
+        tasks = obs["task_index"][:n].clone() if "task_index" in obs else None
         ended = torch.zeros(self.num_eval_envs, dtype=torch.bool)
         ended[n:] = True
         success, returns = torch.zeros(n), torch.zeros(n)

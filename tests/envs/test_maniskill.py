@@ -74,15 +74,37 @@ def test_state_mode_render_uses_the_human_camera():
     env.close()
 
 
-def test_async_vector_matches_sync():
-    actions = _actions(2, 8)
-    runs = []
-    for vector in ("sync", "async"):
-        env = ManiSkillEnv(num_envs=2, **{**SMALL, "vector": vector})
-        states = [env.reset(seed=11)[0]["state"]] + [env.step(a)[0]["state"] for a in actions]
+def test_async_and_grouped_vectors_match_sync():
+    # 3 envs: one subprocess each, or groups of 2 + 1 per subprocess; across an auto-reset
+    # (episodes of 6), with the success flags, render and snapshot round trip of the groups.
+    actions = _actions(3, 8)
+    runs = {}
+    for vector, per_process in (("sync", 1), ("async", 1), ("async", 2)):
+        env = ManiSkillEnv(num_envs=3, **{**SMALL, "vector": vector, "envs_per_process": per_process})
+        obs = [env.reset(seed=11)[0]]
+        steps = [env.step(a) for a in actions]
+        runs[vector, per_process] = {
+            "state": np.stack([o["state"] for o in obs] + [s[0]["state"] for s in steps]),
+            "reward": np.stack([s[1] for s in steps]), "truncated": np.stack([s[3] for s in steps]),
+            "final": np.stack([s[4]["final_obs"]["state"] for s in steps]),
+        }
+        if per_process == 2:
+            assert type(env._sim).__name__ == "GroupedProcessVector" and len(env._sim.slices) == 2
+            assert env.render(2).shape == (256, 256, 3)  # env 2 lives in the second subprocess
+            snapshot = env.get_state()
+            after = env.step(actions[0])[0]["state"]
+            env.set_state(snapshot)
+            np.testing.assert_allclose(env.step(actions[0])[0]["state"], after, atol=1e-4)
         env.close()
-        runs.append(np.stack(states))
-    np.testing.assert_array_equal(runs[0], runs[1])
+    assert runs["sync", 1]["truncated"][5].all()  # the auto-reset happened inside the run
+    for other in (("async", 1), ("async", 2)):
+        for key, value in runs["sync", 1].items():
+            np.testing.assert_array_equal(value, runs[other][key], err_msg=f"{other} {key}")
+
+
+def test_envs_per_process_must_be_positive():
+    with pytest.raises(ValueError, match="envs_per_process: must be an int >= 1, got 0"):
+        ManiSkillEnv(num_envs=2, **{**SMALL, "vector": "async", "envs_per_process": 0})
 
 
 def test_envworker_shards_equal_one_worker():
