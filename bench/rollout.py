@@ -6,8 +6,8 @@
 Three measurements in one run, all in env steps per second (one env step = one env advancing once):
 
 1. **raw**: the env class alone in this process (``instantiate(env)``), ``reset`` + one episode of
-   zero actions, as fast as the simulator goes (``--num-envs`` envs, ``env.vector`` as configured),
-   once per ``--envs-per-process`` value (ManiSkill/LIBERO CPU: 1 = a subprocess per scene).
+   zero actions, as fast as the simulator goes, for each ``--noop-envs`` pair of ``env.num_envs``
+   and ``env.envs_per_process`` (ManiSkill/LIBERO CPU: 1 = a subprocess per scene).
 2. **platform, no-op policy**: the same env config as an EnvWorker behind Ray, driven by
    ``EmbodiedLoop.collect_rollout`` with ``policy=constant`` (zero actions) on the colocated
    placement: the same reset + episode, plus Ray calls, Batch transfers and record assembly.
@@ -98,9 +98,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="placements reserve a GPU per bundle (GPU machines)")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--parts", nargs="+", choices=["noop", "vla"], default=["noop", "vla"])
-    parser.add_argument("--num-envs", type=int, default=16, help="envs of the raw vs platform comparison")
-    parser.add_argument("--envs-per-process", type=int, nargs="+", default=[1, 8],
-                        help="env.envs_per_process values of the raw vs platform comparison (CPU simulators)")
+    parser.add_argument("--noop-envs", nargs="+", default=["16x1", "16x8", "64x32"],
+                        help="raw vs platform comparisons as NUM_ENVSxENVS_PER_PROCESS (CPU simulators; "
+                             "the toy env ignores the grouping)")
     parser.add_argument("--episode-steps", type=int, default=50, help="env.max_episode_steps (steps per rollout)")
     parser.add_argument("--vla-num-envs", type=int, default=8, help="envs of the sequential vs pipelined comparison")
     parser.add_argument("--vla-episode-steps", type=int, default=10)
@@ -117,21 +117,25 @@ def main() -> None:
     vla = [*ENVS[args.env], *backend, f"env.max_episode_steps={args.vla_episode_steps}", f"env.num_envs={args.vla_num_envs}",
            camera, f"env.image_size={args.image_size}", "policy=openvla_tiny", *args.set]
     result: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    # The toy env has no processes to group.
-    groupings = args.envs_per_process if args.env != "toy" else [None]
+    configs = []
+    for spec in args.noop_envs:
+        num_envs, _, per_process = spec.partition("x")
+        if not (num_envs.isdigit() and per_process.isdigit()):
+            parser.error(f"--noop-envs: {spec!r} is not NUM_ENVSxENVS_PER_PROCESS (e.g. 16x8)")
+        configs.append((int(num_envs), int(per_process)))
 
     with ray_session(ClusterConfig(num_cpus=args.num_cpus)):
         if "noop" in args.parts:
             result["noop"] = []
-            for per_process in groupings:
-                noop = [*env, f"env.num_envs={args.num_envs}"]
-                noop += [f"env.envs_per_process={per_process}"] if per_process is not None else []
+            for num_envs, per_process in configs:
+                noop = [*env, f"env.num_envs={num_envs}"]
+                noop += [f"env.envs_per_process={per_process}"] if args.env != "toy" else []
                 raw = raw_steps_per_s(noop, args.repeats)
-                print(f"raw simulator, no-op, {per_process} env(s)/process: {raw:9.1f} env steps/s", flush=True)
+                print(f"raw simulator, no-op, {num_envs} envs, {per_process}/process: {raw:9.1f} env steps/s", flush=True)
                 platform = platform_steps_per_s(
                     [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu], args.repeats)
                 print(f"platform, no-op policy:              {platform['steps_per_s']:9.1f} env steps/s", flush=True)
-                result["noop"].append({"envs_per_process": per_process, "raw_steps_per_s": raw,
+                result["noop"].append({"num_envs": num_envs, "envs_per_process": per_process, "raw_steps_per_s": raw,
                                        "platform": platform, "overhead_ratio": platform["steps_per_s"] / raw})
         if "vla" in args.parts:
             seq = platform_steps_per_s([*vla, *COMMON, "placement=disaggregated", *placement_gpu], args.repeats)
@@ -144,7 +148,7 @@ def main() -> None:
 
     print(f"\n{'measurement':<40} {'env steps/s':>12} {'act ms':>8} {'env ms':>8} {'ratio':>7} {'goal':>6}")
     for row in result.get("noop", []):
-        p, name = row["platform"], f"raw simulator, {row['envs_per_process']} env(s)/process"
+        p, name = row["platform"], f"raw, {row['num_envs']} envs, {row['envs_per_process']} per process"
         print(f"{name:<40} {row['raw_steps_per_s']:>12.1f}")
         print(f"{'platform, no-op policy':<40} {p['steps_per_s']:>12.1f} {p['act_ms']:>8.2f} {p['env_ms']:>8.2f} "
               f"{row['overhead_ratio']:>7.2f} {'>=0.9':>6}")

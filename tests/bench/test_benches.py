@@ -121,7 +121,7 @@ def test_learning_maniskill_bench_records_a_curve(tmp_path: Path, monkeypatch: p
 
 def test_rollout_bench_measures_all_four_on_the_toy_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "rollout.json"
-    run_main(load_script("rollout"), ["--env", "toy", "--num-envs", "4", "--episode-steps", "5", "--vla-num-envs", "2",
+    run_main(load_script("rollout"), ["--env", "toy", "--noop-envs", "4x1", "--episode-steps", "5", "--vla-num-envs", "2",
                                       "--vla-episode-steps", "3", "--repeats", "1", "--out", str(out)], monkeypatch)
     result = json.loads(out.read_text())
     (noop,) = result["noop"]
