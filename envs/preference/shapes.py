@@ -5,11 +5,22 @@ tuning improves how well its samples follow prompts. Every image is N same-colou
 one kind on a white background; its caption names them: "a red circle", "two blue squares",
 "three green triangles" (optionally "... on a white background").
 
-``ShapesFidelity`` scores an image against a caption from the pixels alone (no learned model):
-colour = share of foreground pixels nearest the named colour, count = whether the number of
-connected blobs equals the named count, shape = share of blobs whose fill ratio (area over
-bounding-box area: square ~1, circle ~0.79, triangle ~0.5) fits the named shape; the score is
-their mean in [0, 1].
+``ShapesFidelity`` scores an image against a caption from the pixels alone (no learned model).
+Foreground pixels (far from white) form 4-connected blobs; three parts, each in [0, 1]:
+
+- colour: share of foreground pixels nearest the named colour;
+- count: 1 / (1 + |blobs - named count|), so one shape too many or too few halves it and a
+  speckled background (dozens of blobs) is worth almost nothing;
+- shape: mean over blobs of a fill-ratio credit. A blob's fill ratio (area over bounding-box
+  area) is ~1 for a square, pi/4 for a circle and 1/2 for a triangle (``NOMINAL_FILL``). A blob
+  within ``FILL_TOLERANCE`` of the named shape's nominal fill (the rasterisation error of the
+  5-10 px shapes the world draws) earns 1; the credit then falls linearly to 0 at
+  ``FILL_ZERO_CREDIT``, the distance between the two closest nominal fills (square and circle),
+  so a blob drawn as another shape earns nothing.
+
+The score is their mean. A procedural render scores 1 on its own caption; near misses (one
+shape too many, a blob between two shapes) score between a hit and a far miss instead of tying
+with the far miss.
 """
 
 from __future__ import annotations
@@ -34,8 +45,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
 BACKGROUND = (255, 255, 255)
-# Fill ratio (area / bounding-box area) of each shape when drawn, and the ranges that classify a blob.
-FILL_RANGES = {"triangle": (0.0, 0.64), "circle": (0.64, 0.9), "square": (0.9, 1.01)}
+# Fill ratio (area / bounding-box area) of each ideal shape: square 1, circle pi/4, triangle 1/2.
+NOMINAL_FILL = {"square": 1.0, "circle": float(np.pi / 4), "triangle": 0.5}
+# Fill ratios within this of the nominal earn full shape credit: the largest rasterisation error
+# of the 5-10 px shapes ``render`` draws (a 6 px circle fills 0.889, a 6 px triangle 0.6).
+FILL_TOLERANCE = 0.11
+# Fill ratios this far from the nominal earn no shape credit: the gap between the two closest
+# nominal fills (square 1 and circle pi/4), i.e. a blob that looks like another shape.
+FILL_ZERO_CREDIT = 1.0 - float(np.pi / 4)
 # Pixels closer than this (RGB distance) to white are background.
 _BACKGROUND_DIST = 90.0
 # Blobs smaller than this many pixels are noise, not shapes.
@@ -170,8 +187,21 @@ def _fill_ratio(pixels: np.ndarray) -> float:
     return len(pixels) / float(height * width)
 
 
+def count_credit(blobs: int, count: int) -> float:
+    """1 / (1 + |blobs - count|): 1 for the named count, 1/2 one off, decaying with the error."""
+    return 1.0 / (1.0 + abs(blobs - count))
+
+
+def shape_credit(fill: float, shape: str) -> float:
+    """Credit in [0, 1] of a blob with fill ratio ``fill`` for ``shape``: 1 within ``FILL_TOLERANCE``
+    of the shape's nominal fill, falling linearly to 0 at ``FILL_ZERO_CREDIT`` from it."""
+    distance = abs(fill - NOMINAL_FILL[shape])
+    return float(np.clip((FILL_ZERO_CREDIT - distance) / (FILL_ZERO_CREDIT - FILL_TOLERANCE), 0.0, 1.0))
+
+
 def fidelity_parts(image: np.ndarray, spec: ShapeSpec) -> dict[str, float]:
-    """Colour, count and shape agreement of one uint8 image [H, W, 3] with ``spec`` (each in [0, 1])."""
+    """Colour, count and shape agreement of one uint8 image [H, W, 3] with ``spec`` (each in [0, 1];
+    see the module docstring)."""
     pixels = image.astype(np.float32)
     foreground = np.linalg.norm(pixels - np.asarray(BACKGROUND, np.float32), axis=-1) > _BACKGROUND_DIST
     blobs = _blobs(foreground)
@@ -180,13 +210,12 @@ def fidelity_parts(image: np.ndarray, spec: ShapeSpec) -> dict[str, float]:
     palette = np.asarray(list(COLORS.values()), np.float32)
     nearest = np.argmin(np.linalg.norm(pixels[foreground][:, None] - palette[None], axis=-1), axis=1)
     color = float(np.mean(nearest == list(COLORS).index(spec.color)))
-    low, high = FILL_RANGES[spec.shape]
-    shape = float(np.mean([low <= _fill_ratio(b) < high for b in blobs]))
-    return {"color": color, "count": float(len(blobs) == spec.count), "shape": shape}
+    shape = float(np.mean([shape_credit(_fill_ratio(b), spec.shape) for b in blobs]))
+    return {"color": color, "count": count_credit(len(blobs), spec.count), "shape": shape}
 
 
 class ShapesFidelity(ScoreSource):
-    """Programmatic prompt fidelity in [0, 1]: mean of colour, count and shape agreement."""
+    """Programmatic prompt fidelity in [0, 1]: mean of colour, count and shape agreement (``fidelity_parts``)."""
 
     name = "shapes_fidelity"
 

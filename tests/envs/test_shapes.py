@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from rlplat.envs.preference.shapes import (
     BACKGROUND,
+    FILL_TOLERANCE,
+    NOMINAL_FILL,
     ShapesFidelity,
     ShapeSpec,
     all_specs,
+    count_credit,
     fidelity_parts,
     parse_caption,
     render,
     sample_dataset,
+    shape_credit,
 )
 
 
@@ -47,10 +53,50 @@ def test_mismatches_lower_the_matching_part_only():
     rng = np.random.default_rng(1)
     image = render(ShapeSpec(2, "red", "square"), 32, rng)
     assert fidelity_parts(image, ShapeSpec(2, "blue", "square")) == {"color": 0.0, "count": 1.0, "shape": 1.0}
-    assert fidelity_parts(image, ShapeSpec(3, "red", "square")) == {"color": 1.0, "count": 0.0, "shape": 1.0}
+    assert fidelity_parts(image, ShapeSpec(3, "red", "square")) == {"color": 1.0, "count": 0.5, "shape": 1.0}
     assert fidelity_parts(image, ShapeSpec(2, "red", "triangle")) == {"color": 1.0, "count": 1.0, "shape": 0.0}
+    assert fidelity_parts(image, ShapeSpec(2, "red", "circle")) == {"color": 1.0, "count": 1.0, "shape": 0.0}
     blank = np.full((32, 32, 3), BACKGROUND, np.uint8)
     assert ShapesFidelity()(blank[None], ["a red square"])[0] == 0.0
+
+
+def test_count_credit_halves_per_shape_off_and_decays():
+    assert count_credit(2, 2) == 1.0
+    assert count_credit(1, 2) == count_credit(3, 2) == 0.5
+    assert count_credit(0, 3) == 0.25
+    credits = [count_credit(n, 1) for n in range(1, 30)]
+    assert all(a > b for a, b in itertools.pairwise(credits)) and credits[-1] < 0.04
+
+
+def test_shape_credit_is_full_near_the_nominal_fill_and_zero_at_another_shapes():
+    for shape, fill in NOMINAL_FILL.items():
+        assert shape_credit(fill, shape) == 1.0
+        assert shape_credit(fill + FILL_TOLERANCE * 0.99, shape) == 1.0
+        for other, other_fill in NOMINAL_FILL.items():
+            if other != shape:
+                assert shape_credit(other_fill, shape) == 0.0, (shape, other)
+    # Between the tolerance and the next shape's fill the credit falls monotonically: partial credit.
+    fills = np.linspace(NOMINAL_FILL["circle"] + FILL_TOLERANCE, 1.0, 12)
+    credits = [shape_credit(f, "circle") for f in fills]
+    assert all(a >= b for a, b in itertools.pairwise(credits)) and 0.0 < credits[5] < 1.0
+
+
+def test_fidelity_falls_steadily_with_each_stray_blob():
+    """A correct image with k stray 2x2 specks of the named colour: every speck lowers the score
+    (count and shape credit), where an all-or-nothing count would not tell 1 speck from 10."""
+    spec = ShapeSpec(2, "blue", "circle")
+    image = render(spec, 32, np.random.default_rng(4))
+    clear = np.all(image == BACKGROUND, axis=-1)
+    # Places whose 4x4 neighbourhood is background, so a 2x2 speck there is a blob of its own.
+    spots = [(y, x) for y in range(0, 29, 4) for x in range(0, 29, 4) if clear[y : y + 4, x : x + 4].all()]
+    scores = []
+    for k in range(11):
+        noisy = image.copy()
+        for y, x in spots[:k]:
+            noisy[y + 1 : y + 3, x + 1 : x + 3] = (30, 60, 220)
+        scores.append(float(ShapesFidelity()(noisy[None], [spec.caption()])[0]))
+    assert len(spots) >= 10 and scores[0] == pytest.approx(1.0)
+    assert all(a > b for a, b in itertools.pairwise(scores)), scores
 
 
 def test_fidelity_separates_right_from_wrong_captions_on_a_dataset():
