@@ -55,6 +55,10 @@ def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algor
     if hasattr(policy_cls, "preflight"):
         policy_cls.preflight(**{k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items()
                                 if k != "_target_"})
+    eval_envs = cfg.trainer.get("eval_num_envs")
+    if eval_envs is not None and int(eval_envs) < 1:
+        raise ValueError(f"trainer.eval_num_envs={eval_envs} must be >= 1, or null for "
+                         "min(trainer.eval_episodes, env.num_envs)")
     if algo.needs_value and OmegaConf.select(cfg, "policy.value_head") is False:
         raise ValueError(
             f"{type(algo).__name__} trains a critic but policy.value_head=false; set policy.value_head=true "
@@ -359,7 +363,7 @@ class EmbodiedLoop:
                                name=name, env_vars=env_vars)
 
         eval_envs = cfg.trainer.get("eval_num_envs")
-        self.num_eval_envs = int(eval_envs) if eval_envs else min(cfg.trainer.eval_episodes, self.num_envs)
+        self.num_eval_envs = int(eval_envs) if eval_envs is not None else min(cfg.trainer.eval_episodes, self.num_envs)
         self.envs = EnvStages(env_group, stages, self.num_envs, self.num_eval_envs)
         spec = self.envs.spec()
         self.max_episode_steps = spec["max_episode_steps"]

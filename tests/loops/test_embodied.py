@@ -197,6 +197,8 @@ def test_ppo_without_a_value_head_fails_before_ray_starts(tmp_path):
     from rlplat.loops.embodied import check_config
 
     assert not check_config(grpo).needs_value
+    with pytest.raises(ValueError, match=r"trainer.eval_num_envs=0 must be >= 1, or null"):
+        check_config(compose([*SMALL, "trainer.eval_num_envs=0"]))
 
 
 def test_eval_at_start_logs_the_loaded_policy_as_step_0(ray_local, tmp_path):
