@@ -96,15 +96,28 @@ class ProcessVector:
                 env.restore(snap)
             return
         # gymnasium's call() passes the same arguments to every env; each needs its own snapshot.
-        for pipe, snap in zip(self.vec.parent_pipes, snaps, strict=True):
-            pipe.send(("_call", ("restore", (snap,), {})))
-        for pipe in self.vec.parent_pipes:
-            _, ok = pipe.recv()
-            if not ok:
-                raise RuntimeError("set_state: a sub-env failed to restore its snapshot")
+        _call_each(self.vec, "restore", [(snap,) for snap in snaps])
 
     def close(self) -> None:
         self.vec.close()
+
+
+def _call_each(vec: gymnasium.vector.AsyncVectorEnv, name: str,
+               args: Sequence[tuple] | dict[int, tuple]) -> list[Any]:
+    """``name(*args[i])`` on sub-env i of ``vec`` (every sub-env for a sequence, the listed ones
+    for a dict), all at once; the answers in that order. gymnasium's ``call`` passes the same
+    arguments to every sub-env, so this speaks its pipe protocol (``("_call", ...)``) directly;
+    a sub-env's error is re-raised here as ``call`` would."""
+    calls = dict(args) if isinstance(args, dict) else dict(enumerate(args))
+    if not isinstance(args, dict) and len(calls) != len(vec.parent_pipes):
+        raise ValueError(f"{name}: {len(calls)} argument tuples for {len(vec.parent_pipes)} sub-envs")
+    pipes = [vec.parent_pipes[i] for i in calls]
+    for pipe, a in zip(pipes, calls.values(), strict=True):
+        pipe.send(("_call", (name, a, {})))
+    results, successes = zip(*[pipe.recv() for pipe in pipes])
+    # gymnasium counts the errors to fetch from all its sub-envs: the others count as fine.
+    vec._raise_if_errors([True] * (len(vec.parent_pipes) - len(pipes)) + list(successes))
+    return list(results)
 
 
 class _EnvGroup(gymnasium.Env):
@@ -188,13 +201,7 @@ class GroupedProcessVector:
         self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
 
     def _call_each(self, name: str, args: Sequence[tuple]) -> list[Any]:
-        """``name(*args[g])`` on every group g at once (gymnasium's ``call`` passes the same
-        arguments to every sub-env); returns the answers in group order."""
-        for pipe, a in zip(self.vec.parent_pipes, args, strict=True):
-            pipe.send(("_call", (name, a, {})))
-        results, successes = zip(*[pipe.recv() for pipe in self.vec.parent_pipes])
-        self.vec._raise_if_errors(successes)
-        return list(results)
+        return _call_each(self.vec, name, args)
 
     @staticmethod
     def _concat(parts: list[Obs]) -> Obs:
@@ -220,12 +227,7 @@ class GroupedProcessVector:
 
     def render(self, index: int) -> np.ndarray:
         group, inner = self._group_of(index)
-        pipe = self.vec.parent_pipes[group]
-        pipe.send(("_call", ("render_env", (inner,), {})))
-        frame, ok = pipe.recv()
-        if not ok:
-            raise RuntimeError(f"render: env {index} failed (its subprocess logged the error)")
-        return frame
+        return _call_each(self.vec, "render_env", {group: (inner,)})[0]
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [snap for group in self._call_each("snapshot_group", [()] * len(self.slices)) for snap in group]

@@ -64,13 +64,20 @@ def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algor
             f"{type(algo).__name__} trains a critic but policy.value_head=false; set policy.value_head=true "
             f"or pick an algorithm without one (algo=grpo)"
         )
+    check_batch(algo, cfg, max_episode_steps)
+    return algo
+
+
+def check_batch(algo: Algorithm, cfg: DictConfig, max_episode_steps: int | None) -> None:
+    """The algorithm's batch arithmetic for ``cfg``'s envs and workers (``max_episode_steps``:
+    the env's own limit when ``env.max_episode_steps`` is null, None while unknown)."""
+    roles = cfg.placement.roles
     algo.check(
         num_envs=cfg.env.num_envs,
         max_episode_steps=cfg.env.max_episode_steps if cfg.env.max_episode_steps is not None else max_episode_steps,
         num_env_workers=len(parse_devices(roles.env)) * int(cfg.placement.get("pipeline_stages", 1)),
         num_actor_workers=len(parse_devices(roles.actor)),
     )
-    return algo
 
 
 class EmbodiedLoop:
@@ -369,7 +376,7 @@ class EmbodiedLoop:
         self.max_episode_steps = spec["max_episode_steps"]
         if cfg.env.max_episode_steps is None:
             try:  # the env's own episode limit is known now
-                check_config(cfg, self.max_episode_steps)
+                check_batch(self.algo, cfg, self.max_episode_steps)
             except BaseException:
                 self.envs.shutdown()
                 self.placement.remove()
