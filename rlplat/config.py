@@ -136,6 +136,9 @@ class DiffusionTinyConfig:
     attention_from_level: int = 1
     # Width of the frozen text encoder (the fixed word embeddings).
     text_hidden_size: int = 32
+    # Zero-terminal-SNR betas with v-prediction and trailing timesteps (false: SD1.5's epsilon
+    # schedule, whose x_T keeps 6.8% of the image: pixel-space samples then show a colour checkerboard).
+    zero_terminal_snr: bool = True
     # Init seed of the random weights (part of the cache key).
     seed: int = 0
 

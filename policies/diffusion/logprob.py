@@ -104,7 +104,9 @@ def ddim_step_with_logprob(
             f"step is deterministic and has no log-probability; use steps_offset=1 as Stable Diffusion's "
             f"scheduler config does, or set_alpha_to_one=True"
         )
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    # With a zero-terminal-SNR schedule (alpha_T = 0) and eta = 1 the first step's direction
+    # weight is exactly 0 and may round below it: clamp it (diffusers' scheduler.step gives a NaN).
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
 
     if prev_sample is None:
         from diffusers.utils.torch_utils import randn_tensor

@@ -43,6 +43,27 @@ def test_logprob_matches_the_scheduler_gaussian(eta, prediction_type):
         torch.testing.assert_close(logp_sum, logp * x[0].numel(), rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("steps", [3, 20])
+def test_zero_terminal_snr_first_step_is_finite(steps):
+    # alpha_T = 0 (the tiny model's schedule): with eta = 1 the first step's mean is
+    # sqrt(alpha_prev) * x0 exactly, and its direction weight 1 - alpha_prev - sigma^2 = 0 must
+    # not round into a NaN (it does for 3 steps without the clamp).
+    scheduler = make_scheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                               timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    t = int(scheduler.timesteps[0])
+    assert t == 999 and float(scheduler.alphas_cumprod[t]) == 0.0
+    torch.manual_seed(3)
+    x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x_prev, logp = ddim_step_with_logprob(scheduler, out, t, x, 1.0, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(x_prev).all()) and bool(torch.isfinite(logp).all())
+    a_prev = scheduler.alphas_cumprod[t - 1000 // steps]
+    mean = a_prev.sqrt() * (-out)  # v-prediction at alpha_t = 0: x0 = -v
+    std = (1 - a_prev).sqrt()
+    expected = torch.distributions.Normal(mean.double(), float(std)).log_prob(x_prev.double()).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(logp.double(), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_scoring_a_given_sample_and_per_row_timesteps():
     scheduler = make_scheduler()
     torch.manual_seed(2)
