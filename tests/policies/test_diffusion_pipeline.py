@@ -138,3 +138,18 @@ def test_trainable_state_round_trips_and_mismatches_are_named(cache):
     assert all(torch.equal(fresh.trainable_state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match="policy.lora.r"):
         full.load_trainable_state_dict(state)
+
+
+def test_shipped_base_model_draws_the_caption_on_a_white_background():
+    # The pretrained base of the CPU preference presets, loaded through from_pretrained from the
+    # installed package: a changed scheduler config, sampler or fold shows up here as noise.
+    from rlplat.config import package_file
+    from rlplat.envs.preference.shapes import BACKGROUND, ShapesFidelity, prompt_split
+
+    policy = TextToImagePolicy(path=str(package_file("rlplat.policies.diffusion", "assets/shapes_base")),
+                               device="cpu", num_steps=10, guidance_scale=3.0)
+    prompts = prompt_split()[1][:8]  # held-out captions
+    images = policy.sample_trajectory(prompts, generator=torch.Generator().manual_seed(0))["images"].numpy()
+    background = np.linalg.norm(images.astype(np.float32) - np.asarray(BACKGROUND, np.float32), axis=-1) < 90
+    assert np.median(background.mean(axis=(1, 2))) > 0.6  # mostly white, as the renders are
+    assert float(ShapesFidelity().score(images, prompts).mean()) > 0.6
