@@ -12,16 +12,15 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from safetensors.torch import load_file, save_file
 
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
 from rlplat.runtime.dispatch import Dispatch, register
 from rlplat.runtime.worker import Worker
-from rlplat.workers.policy import OPTIMIZER_FILE, PRETRAINED_DIR, WEIGHTS_FILE
+from rlplat.workers.weights import TrainedWeights
 
 
-class DiffusionWorker(Worker):
+class DiffusionWorker(TrainedWeights, Worker):
     """Holds a ``TextToImagePolicy`` (and its optimizer when it is an actor).
 
     Args:
@@ -95,37 +94,15 @@ class DiffusionWorker(Worker):
             self.policy.eval()
 
     # ----------------------------------------------------------------- weights and checkpoints
-    @register(Dispatch.RANK_ZERO)
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the trained weights."""
-        return {k: v.detach().cpu().clone() for k, v in self.policy.trainable_state_dict().items()}
-
-    @register(Dispatch.ONE_TO_ALL)
-    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Loads trained weights (names must match)."""
-        self.policy.load_trainable_state_dict(weights)
+    def rng_streams(self) -> dict[str, torch.Generator]:
+        return {"generator": self.generator}
 
     @register(Dispatch.ONE_TO_ALL)
     def save(self, path: str) -> None:
         """Weights (safetensors), optimizer and the diffusers-layout export on rank 0; RNG on every rank."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0 and "actor" in self.roles:
-            save_file({k: v.contiguous() for k, v in self.get_weights().items()}, folder / WEIGHTS_FILE)
-            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-            self.policy.save_pretrained(folder / PRETRAINED_DIR)
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
-        torch.save(rng, folder / f"rng_{'-'.join(sorted(self.roles))}_rank{self.rank}.pt")
+        self._save_weights(Path(path))
 
     @register(Dispatch.ONE_TO_ALL)
     def load(self, path: str) -> None:
         """Restores what ``save`` wrote."""
-        folder = Path(path)
-        self.policy.load_trainable_state_dict(load_file(folder / WEIGHTS_FILE))
-        if self.optimizer is not None and (folder / OPTIMIZER_FILE).exists():
-            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
-        rng_file = folder / f"rng_{'-'.join(sorted(self.roles))}_rank{self.rank}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            self.generator.set_state(rng["generator"])
+        self._load_weights(Path(path))

@@ -17,22 +17,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
-from safetensors.torch import load_file, save_file
 
 from rlplat.algos.base import Algorithm
 from rlplat.batch import Batch
 from rlplat.policies.base import ActionPolicy
 from rlplat.runtime.dispatch import Dispatch, register
 from rlplat.runtime.worker import Worker
+from rlplat.workers.weights import TrainedWeights
 
-WEIGHTS_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 ACTION_STATS_FILE = "action_stats.json"
 # A policy's export in its family's format (``ActionPolicy.save_pretrained``).
-PRETRAINED_DIR = "pretrained"
 
 
-class PolicyWorker(Worker):
+class PolicyWorker(TrainedWeights, Worker):
     """Holds a policy (and its optimizer when it is an actor).
 
     Args:
@@ -157,15 +154,8 @@ class PolicyWorker(Worker):
         dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
 
     # ----------------------------------------------------------------- weights and checkpoints
-    @register(Dispatch.RANK_ZERO)
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the trained weights (to sync rollout workers; frozen weights stay put)."""
-        return {k: v.detach().cpu().clone() for k, v in self.policy.trainable_state_dict().items()}
-
-    @register(Dispatch.ONE_TO_ALL)
-    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Loads trained weights (strictly: names and shapes must match)."""
-        self.policy.load_trainable_state_dict(weights)
+    def rng_streams(self) -> dict[str, torch.Generator]:
+        return {"minibatch": self.minibatch_generator}
 
     @register(Dispatch.ONE_TO_ALL)
     def set_action_stats(self, stats: dict[str, Any], key: str) -> None:
@@ -175,20 +165,12 @@ class PolicyWorker(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def save(self, path: str) -> None:
-        """Writes weights (safetensors) and optimizer on actor rank 0, and every rank's RNG streams."""
+        """Writes weights (safetensors), optimizer and action statistics on actor rank 0, and every
+        rank's RNG streams."""
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Weights once per checkpoint: a separate rollout group holds a synced copy of them.
-        if self.rank == 0 and "actor" in self.roles:
-            save_file({k: v.contiguous() for k, v in self.get_weights().items()}, folder / WEIGHTS_FILE)
-            if self.optimizer is not None:
-                torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-            if self.action_stats is not None:
-                (folder / ACTION_STATS_FILE).write_text(json.dumps(self.action_stats, indent=2))
-            # The family's own format (e.g. save_pretrained + LoRA adapter), for other tools.
-            self.policy.save_pretrained(folder / PRETRAINED_DIR)
-        rng = {"torch": torch.get_rng_state(), "minibatch": self.minibatch_generator.get_state()}
-        torch.save(rng, folder / f"rng_{self._tag()}_rank{self.rank}.pt")
+        self._save_weights(folder)
+        if self._writes_weights() and self.action_stats is not None:
+            (folder / ACTION_STATS_FILE).write_text(json.dumps(self.action_stats, indent=2))
 
     @register(Dispatch.ONE_TO_ALL)
     def load(self, path: str) -> None:
@@ -197,15 +179,5 @@ class PolicyWorker(Worker):
         if (folder / ACTION_STATS_FILE).exists():
             saved = json.loads((folder / ACTION_STATS_FILE).read_text())
             self.set_action_stats(saved["stats"], saved["key"])
-        self.policy.load_trainable_state_dict(load_file(folder / WEIGHTS_FILE))
         # The reference stays the initial policy: it is rebuilt from the same seed on resume.
-        if self.optimizer is not None and (folder / OPTIMIZER_FILE).exists():
-            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
-        rng_file = folder / f"rng_{self._tag()}_rank{self.rank}.pt"
-        if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            self.minibatch_generator.set_state(rng["minibatch"])
-
-    def _tag(self) -> str:
-        return "-".join(sorted(self.roles))
+        self._load_weights(folder)
