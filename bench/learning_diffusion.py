@@ -4,10 +4,11 @@
     python bench/learning_diffusion.py --seeds 0 --steps 4 --eval-images 16   # a quick look
 
 Every run starts from the shipped pretrained tiny model (policies/diffusion/assets/shapes_base,
-LoRA r4 on the UNet attention) and is a full ``rlplat-train`` (in-process, own local Ray) with an
-evaluation at step 0: the reward of ``--eval-images`` images of the 14 held-out captions, same
-seeds before and after, so "gain" is paired. Rewards: ``jpeg_compressibility`` (minus the JPEG
-size in kB) and ``shapes_fidelity`` (colour/count/shape agreement with the caption, in [0, 1]).
+LoRA r4 on the UNet attention and convolutions; ``--set policy.path=DIR`` starts from another
+export) and is a full ``rlplat-train`` (in-process, own local Ray) with an evaluation at step 0:
+the reward of ``--eval-images`` images of the 14 held-out captions, same seeds before and after,
+so "gain" is paired. Rewards: ``jpeg_compressibility`` (minus the JPEG size in kB)
+and ``shapes_fidelity`` (colour/count/shape agreement with the caption, in [0, 1]).
 Prints a table (before, after, gain: mean +- std over seeds) and writes
 bench/results/learning_diffusion.json; the before/after grids of seed 0 are copied next to it.
 """
