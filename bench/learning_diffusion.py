@@ -4,7 +4,7 @@
     python bench/learning_diffusion.py --seeds 0 --steps 4 --eval-images 16   # a quick look
 
 Every run starts from the shipped pretrained tiny model (policies/diffusion/assets/shapes_base,
-LoRA r4 on the UNet attention and convolutions; ``--set policy.path=DIR`` starts from another
+LoRA r4 on the UNet attention; ``--set policy.path=DIR`` starts from another
 export) and is a full ``rlplat-train`` (in-process, own local Ray) with an evaluation at step 0:
 the reward of ``--eval-images`` images of the 14 held-out captions, same seeds before and after,
 so "gain" is paired. Rewards: ``jpeg_compressibility`` (minus the JPEG size in kB)
