@@ -200,22 +200,19 @@ class GroupedProcessVector:
         self.action_space = self.vec.single_action_space
         self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
 
-    def _call_each(self, name: str, args: Sequence[tuple]) -> list[Any]:
-        return _call_each(self.vec, name, args)
-
     @staticmethod
     def _concat(parts: list[Obs]) -> Obs:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def reset(self, seeds: list[int]) -> Obs:
-        return self._concat(self._call_each("reset_group", [(list(seeds[sl]),) for sl in self.slices]))
+        return self._concat(_call_each(self.vec, "reset_group", [(list(seeds[sl]),) for sl in self.slices]))
 
     def reset_rows(self, mask: np.ndarray) -> Obs:
         mask = np.asarray(mask, bool)
-        return self._concat(self._call_each("reset_rows_group", [(mask[sl],) for sl in self.slices]))
+        return self._concat(_call_each(self.vec, "reset_rows_group", [(mask[sl],) for sl in self.slices]))
 
     def step(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        parts = self._call_each("step_group", [(actions[sl],) for sl in self.slices])
+        parts = _call_each(self.vec, "step_group", [(actions[sl],) for sl in self.slices])
         obs = self._concat([p[0] for p in parts])
         return (obs, *(np.concatenate([p[i] for p in parts]) for i in range(1, 5)))
 
@@ -230,10 +227,10 @@ class GroupedProcessVector:
         return _call_each(self.vec, "render_env", {group: (inner,)})[0]
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [snap for group in self._call_each("snapshot_group", [()] * len(self.slices)) for snap in group]
+        return [snap for group in _call_each(self.vec, "snapshot_group", [()] * len(self.slices)) for snap in group]
 
     def restore(self, snaps: list[dict[str, Any]]) -> None:
-        self._call_each("restore_group", [(snaps[sl],) for sl in self.slices])
+        _call_each(self.vec, "restore_group", [(snaps[sl],) for sl in self.slices])
 
     def close(self) -> None:
         self.vec.close()
