@@ -4,13 +4,13 @@
     python bench/learning_diffusion.py --seeds 0 --steps 4 --eval-images 16   # a quick look
 
 Every run starts from the shipped pretrained tiny model (policies/diffusion/assets/shapes_base,
-LoRA r4 on the UNet attention; ``--set policy.path=DIR`` starts from another
-export) and is a full ``rlplat-train`` (in-process, own local Ray) with an evaluation at step 0:
-the reward of ``--eval-images`` images of the 14 held-out captions, same seeds before and after,
-so "gain" is paired. Rewards: ``jpeg_compressibility`` (minus the JPEG size in kB)
-and ``shapes_fidelity`` (colour/count/shape agreement with the caption, in [0, 1]).
-Prints a table (before, after, gain: mean +- std over seeds) and writes
-bench/results/learning_diffusion.json; the before/after grids of seed 0 are copied next to it.
+LoRA r4 on the UNet attention; ``--set policy.path=DIR`` starts from another export) with the
+algorithm's preset for that reward (``PRESETS``) and is a full ``rlplat-train`` (in-process, own
+local Ray) with an evaluation at step 0: the reward of ``--eval-images`` images of the 14
+held-out captions, same seeds before and after, so "gain" is paired. Rewards:
+``jpeg_compressibility`` (minus the JPEG size in kB) and ``shapes_fidelity`` (colour/count/shape
+agreement with the caption, in [0, 1]). Prints a table (before, after, gain: mean +- std over
+seeds) and writes bench/results/learning_diffusion.json; seed 0's before/after grids go next to it.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ from rlplat.train import run
 
 # Shared by every run: quiet logs.
 COMMON = ["name=bench_diffusion", "logger.progress_bar=false", "logger.log_every=1000"]
-# The presets (conf/experiment/d3po_tiny.yaml, ddpo_tiny.yaml) with the benchmark's settings.
-ALGOS = {"d3po": ["experiment=d3po_tiny"], "ddpo": ["experiment=ddpo_tiny"]}
 REWARDS = ("jpeg_compressibility", "shapes_fidelity")
+# The shipped presets (conf/experiment/) per algorithm and reward: D3PO on JPEG takes more pairs and
+# Adam steps per iteration (d3po_tiny_jpeg.yaml says why); DDPO uses one preset for both.
+PRESETS = {
+    "d3po": {"jpeg_compressibility": ["experiment=d3po_tiny_jpeg"], "shapes_fidelity": ["experiment=d3po_tiny"]},
+    "ddpo": {reward: ["experiment=ddpo_tiny"] for reward in REWARDS},
+}
 
 
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -51,7 +55,7 @@ def run_one(overrides: list[str], run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--algos", nargs="+", default=sorted(ALGOS), choices=sorted(ALGOS))
+    parser.add_argument("--algos", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
     parser.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=REWARDS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="iterations per run (default: the preset's)")
@@ -65,7 +69,7 @@ def main() -> None:
     for reward in args.rewards:
         for algo in args.algos:
             for seed in args.seeds:
-                overrides = [*ALGOS[algo], f"preference={reward}", f"seed={seed}",
+                overrides = [*PRESETS[algo][reward], f"preference={reward}", f"seed={seed}",
                              f"trainer.eval_episodes={args.eval_images}", *args.set]
                 if args.steps is not None:
                     overrides += [f"trainer.total_steps={args.steps}", f"trainer.eval_every={args.steps}"]
@@ -102,7 +106,7 @@ def main() -> None:
                 grids.mkdir(parents=True, exist_ok=True)
                 shutil.copy(grid, grids / f"{r['algo']}_{r['reward']}_{tag}.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(json.dumps({"settings": settings, "common": COMMON, "algos": ALGOS, "summary": summary,
+    args.out.write_text(json.dumps({"settings": settings, "common": COMMON, "presets": PRESETS, "summary": summary,
                                     "runs": runs}, indent=2))
     print(f"wrote {args.out}; grids in {grids}")
 

@@ -111,12 +111,15 @@ def test_config_errors_name_the_fix(tmp_path):
         run(prompts_only, tmp_path / "e")
 
 
-@pytest.mark.parametrize("experiment", ["d3po_tiny", "ddpo_tiny"])
-def test_tuning_presets_start_from_the_shipped_pretrained_model(experiment):
+@pytest.mark.parametrize("experiment,score", [("d3po_tiny", "ShapesFidelity"), ("ddpo_tiny", "ShapesFidelity"),
+                                              ("d3po_tiny_jpeg", "JpegCompressibility")])
+def test_tuning_presets_start_from_the_shipped_pretrained_model(experiment, score):
     from pathlib import Path
 
     cfg = compose([f"experiment={experiment}"])
-    assert cfg.env is None and cfg.preference.score._target_.endswith("ShapesFidelity")
+    assert cfg.env is None and cfg.preference.score._target_.endswith(score)
     assert (Path(cfg.policy.path) / "unet/diffusion_pytorch_model.safetensors").is_file()
     assert cfg.policy.lora.r == 4 and cfg.trainer.eval_at_start
-    assert check_preference_config(cfg).samples_per_prompt == (2 if experiment == "d3po_tiny" else 4)
+    assert check_preference_config(cfg).samples_per_prompt == (2 if experiment.startswith("d3po") else 4)
+    if experiment == "d3po_tiny_jpeg":  # d3po_tiny with more pairs and Adam steps per iteration
+        assert (cfg.algo.batch_size, cfg.algo.num_minibatches, cfg.algo.update_epochs) == (32, 4, 2)
