@@ -12,7 +12,8 @@ Three measurements in one run, all in env steps per second (one env step = one e
    ``EmbodiedLoop.collect_rollout`` with ``policy=constant`` (zero actions) on the colocated
    placement: the same reset + episode, plus Ray calls, Batch transfers and record assembly.
    ``overhead ratio`` = platform / raw (goal >= 0.9). The controller's waits per env step are
-   split into ``act`` (the policy round trip) and ``env`` (the env worker round trip).
+   split into ``act`` (the policy round trip) and ``env`` (the env worker round trip). For scale,
+   a bare Ray actor call is timed too (no payload, and a Batch of the first config's rows each way).
 3. **sequential vs pipelined, tiny VLA on camera images**: ``policy=openvla_tiny`` with the env in
    rgb mode, the env on one device and the policy on the other (``placement=disaggregated``) vs
    the same with ``placement.pipeline_stages=2`` (``placement=pipelined``: stage 0 simulates while
@@ -20,8 +21,10 @@ Three measurements in one run, all in env steps per second (one env step = one e
    Overlap can at best hide the shorter of the two waits: ``bound`` = (act + env) / max(act, env)
    from the sequential run.
 
-Each platform number is the median over ``--repeats`` rollouts after one warm-up rollout. Prints
-a table and writes bench/results/rollout.json.
+Every number is the median over ``--repeats`` rounds after one warm-up round; raw and platform
+runs of one config are open together and take turns within each round, so a slow spell of the
+machine (these 2-core machines have them) falls on both. Prints a table and writes
+bench/results/rollout.json.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from rlplat.batch import Batch
 from rlplat.config import compose
 from rlplat.loops.embodied import EmbodiedLoop
 from rlplat.runtime.cluster import ClusterConfig, ray_session
@@ -52,42 +59,94 @@ ENVS = {
 COMMON = ["algo=grpo", "algo.group_size=2", "algo.num_minibatches=1", "trainer.eval_episodes=2", "trainer.save_video=false", "logger.progress_bar=false"]
 
 
-def raw_steps_per_s(overrides: list[str], repeats: int) -> float:
-    """Env steps/s of the env class alone: reset + one episode of zero actions, median of repeats."""
-    cfg = compose(overrides)
-    env = instantiate(OmegaConf.to_container(cfg.env, resolve=True))
+class RawRun:
+    """The env class alone in this process; ``once()``: reset + one episode of zero actions."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        cfg = compose(overrides)
+        self.env = instantiate(OmegaConf.to_container(cfg.env, resolve=True))
+        self.zeros = np.zeros(self.env.action_space.shape, np.float32)
+        self.rounds = 0
+
+    def once(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.env.reset(seed=self.rounds * self.env.num_envs)
+        for _ in range(self.env.max_episode_steps):
+            self.env.step(self.zeros)
+        self.rounds += 1
+        return {"steps_per_s": self.env.num_envs * self.env.max_episode_steps / (time.perf_counter() - t0)}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class PlatformRun:
+    """``EmbodiedLoop.collect_rollout`` on ``overrides``; ``once()``: one rollout, with the
+    controller's waits per env step in ms (``act_ms``, ``env_ms``)."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        self.loop = EmbodiedLoop(compose(overrides), Path(tempfile.mkdtemp(prefix="rlplat-bench-rollout-")))
+
+    def once(self) -> dict[str, float]:
+        loop = self.loop
+        t0 = time.perf_counter()
+        _, metrics = loop.collect_rollout()
+        return {"steps_per_s": loop.num_envs * loop.num_steps / (time.perf_counter() - t0),
+                "act_ms": 1e3 * metrics["perf/rollout_act_s"] / loop.num_steps,
+                "env_ms": 1e3 * metrics["perf/rollout_env_s"] / loop.num_steps}
+
+    def close(self) -> None:
+        self.loop.shutdown()
+
+
+def measure(runs: list[RawRun | PlatformRun], repeats: int) -> list[dict[str, float]]:
+    """Medians over ``repeats`` rounds after a warm-up round; within a round the runs take turns,
+    so a slower or faster spell of the machine falls on all of them alike."""
+    rows: list[list[dict[str, float]]] = [[] for _ in runs]
+    for r in range(repeats + 1):
+        for run, mine in zip(runs, rows):
+            row = run.once()
+            if r > 0:  # the first round is a warm-up
+                mine.append(row)
+    return [{key: statistics.median(row[key] for row in mine) for key in mine[0]} for mine in rows]
+
+
+@ray.remote(num_cpus=0)
+class _Echo:
+    """A bare actor: what one Ray round trip costs before any platform code runs."""
+
+    def ping(self) -> int:
+        return 1
+
+    def act(self, obs: Batch) -> Batch:
+        rows = len(obs["state"])
+        return Batch({"actions": torch.zeros(rows, 8), "logprobs": torch.zeros(rows)})
+
+
+def ray_round_trip_ms(rows: int, calls: int = 300) -> dict[str, float]:
+    """Median ms of a bare actor call: ``ping`` (no payload) and ``act`` (a ``rows``-row Batch
+    each way, the shape of a no-op policy step), after 50 warm-up calls each."""
+    actor = _Echo.remote()
+    obs = Batch({"state": torch.zeros(rows, 42)})
+    result = {}
     try:
-        zeros = np.zeros(env.action_space.shape, np.float32)
-        rates = []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            env.reset(seed=r * env.num_envs)
-            for _ in range(env.max_episode_steps):
-                env.step(zeros)
-            if r > 0:  # the first is a warm-up
-                rates.append(env.num_envs * env.max_episode_steps / (time.perf_counter() - t0))
-        return statistics.median(rates)
+        for name, call in (("ping_ms", actor.ping.remote), ("act_ms", lambda: actor.act.remote(obs))):
+            times = []
+            for i in range(50 + calls):
+                t0 = time.perf_counter()
+                ray.get(call())
+                if i >= 50:
+                    times.append(time.perf_counter() - t0)
+            result[name] = 1e3 * statistics.median(times)
     finally:
-        env.close()
+        ray.kill(actor)
+    return result
 
 
 def platform_steps_per_s(overrides: list[str], repeats: int) -> dict[str, float]:
-    """Env steps/s of ``EmbodiedLoop.collect_rollout`` and the controller's waits per step in ms
-    (``act_ms``, ``env_ms``), medians of repeats after a warm-up."""
-    cfg = compose(overrides)
-    loop = EmbodiedLoop(cfg, Path(tempfile.mkdtemp(prefix="rlplat-bench-rollout-")))
-    try:
-        rows = []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            _, metrics = loop.collect_rollout()
-            if r > 0:
-                rows.append({"steps_per_s": loop.num_envs * loop.num_steps / (time.perf_counter() - t0),
-                             "act_ms": 1e3 * metrics["perf/rollout_act_s"] / loop.num_steps,
-                             "env_ms": 1e3 * metrics["perf/rollout_env_s"] / loop.num_steps})
-        return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
-    finally:
-        loop.shutdown()
+    """One platform config alone: medians of ``PlatformRun.once`` over repeats after a warm-up."""
+    with closing(PlatformRun(overrides)) as run:
+        return measure([run], repeats)[0]
 
 
 def main() -> None:
@@ -130,13 +189,17 @@ def main() -> None:
             for num_envs, per_process in configs:
                 noop = [*env, f"env.num_envs={num_envs}"]
                 noop += [f"env.envs_per_process={per_process}"] if args.env != "toy" else []
-                raw = raw_steps_per_s(noop, args.repeats)
+                with closing(RawRun(noop)) as raw_run, closing(PlatformRun(
+                        [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu])) as platform_run:
+                    raw_row, platform = measure([raw_run, platform_run], args.repeats)
+                raw = raw_row["steps_per_s"]
                 print(f"raw simulator, no-op, {num_envs} envs, {per_process}/process: {raw:9.1f} env steps/s", flush=True)
-                platform = platform_steps_per_s(
-                    [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu], args.repeats)
                 print(f"platform, no-op policy:              {platform['steps_per_s']:9.1f} env steps/s", flush=True)
                 result["noop"].append({"num_envs": num_envs, "envs_per_process": per_process, "raw_steps_per_s": raw,
                                        "platform": platform, "overhead_ratio": platform["steps_per_s"] / raw})
+            result["ray_round_trip"] = ray_round_trip_ms(configs[0][0])
+            print(f"bare Ray actor call: {result['ray_round_trip']['ping_ms']:.2f} ms, with a {configs[0][0]}-row "
+                  f"Batch each way {result['ray_round_trip']['act_ms']:.2f} ms", flush=True)
         if "vla" in args.parts:
             seq = platform_steps_per_s([*vla, *COMMON, "placement=disaggregated", *placement_gpu], args.repeats)
             print(f"tiny VLA, sequential:      {seq['steps_per_s']:9.1f} env steps/s", flush=True)
@@ -152,6 +215,10 @@ def main() -> None:
         print(f"{name:<40} {row['raw_steps_per_s']:>12.1f}")
         print(f"{'platform, no-op policy':<40} {p['steps_per_s']:>12.1f} {p['act_ms']:>8.2f} {p['env_ms']:>8.2f} "
               f"{row['overhead_ratio']:>7.2f} {'>=0.9':>6}")
+    if "ray_round_trip" in result:
+        trip = result["ray_round_trip"]
+        print(f"{'bare Ray actor call: ping / act-sized':<40} {'':>12} {trip['act_ms']:>8.2f} {'':>8} "
+              f"(ping {trip['ping_ms']:.2f} ms)")
     if "vla" in result:
         v = result["vla"]
         for name, key in (("tiny VLA rgb, sequential", "sequential"), ("tiny VLA rgb, pipelined (2 stages)", "pipelined")):

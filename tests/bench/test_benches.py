@@ -130,6 +130,9 @@ def test_rollout_bench_measures_all_four_on_the_toy_env(tmp_path: Path, monkeypa
                  vla["pipelined"]["steps_per_s"]):
         assert rate > 0 and math.isfinite(rate)
     assert noop["overhead_ratio"] == pytest.approx(platform["steps_per_s"] / noop["raw_steps_per_s"])
+    # A bare actor call is part of what a platform step costs (a step makes two and more).
+    trip, step_ms = result["ray_round_trip"], 1e3 * 4 / platform["steps_per_s"]  # 4 envs per step
+    assert 0 < trip["ping_ms"] and 0 < trip["act_ms"] < 5 * step_ms
     assert vla["pipeline_speedup"] == pytest.approx(vla["pipelined"]["steps_per_s"] / vla["sequential"]["steps_per_s"])
     # The waits are parts of the rollout: positive, and together at most one step's time.
     seq = vla["sequential"]
