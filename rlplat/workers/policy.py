@@ -26,7 +26,6 @@ from rlplat.runtime.worker import Worker
 from rlplat.workers.weights import TrainedWeights
 
 ACTION_STATS_FILE = "action_stats.json"
-# A policy's export in its family's format (``ActionPolicy.save_pretrained``).
 
 
 class PolicyWorker(TrainedWeights, Worker):
