@@ -14,6 +14,9 @@ Three measurements in one run, all in env steps per second (one env step = one e
    ``overhead ratio`` = platform / raw (goal >= 0.9). The controller's waits per env step are
    split into ``act`` (the policy round trip) and ``env`` (the env worker round trip). For scale,
    a bare Ray actor call is timed too (no payload, and a Batch of the first config's rows each way).
+   The same again with ``placement.rollout_in_env=true`` (**in env**): the env worker holds the
+   policy and runs the whole rollout, one Ray call per rollout instead of two per step (``act``:
+   the env worker's time in its policy replica).
 3. **sequential vs pipelined, tiny VLA on camera images**: ``policy=openvla_tiny`` with the env in
    rgb mode, the env on one device and the policy on the other (``placement=disaggregated``) vs
    the same with ``placement.pipeline_stages=2`` (``placement=pipelined``: stage 0 simulates while
@@ -21,9 +24,10 @@ Three measurements in one run, all in env steps per second (one env step = one e
    Overlap can at best hide the shorter of the two waits: ``bound`` = (act + env) / max(act, env)
    from the sequential run.
 
-Every number is the median over ``--repeats`` rounds after one warm-up round; raw and platform
-runs of one config are open together and take turns within each round, so a slow spell of the
-machine (these 2-core machines have them) falls on both. Prints a table and writes
+Every number is the median over ``--repeats`` rounds after one warm-up round; the raw run of a
+config stays open while each platform variant is open beside it in turn, and the two take turns
+within each round, so a slow spell of the machine (these 2-core machines have them) falls on
+both; each ratio divides by the raw rounds its variant took turns with. Prints a table and writes
 bench/results/rollout.json.
 """
 
@@ -189,14 +193,21 @@ def main() -> None:
             for num_envs, per_process in configs:
                 noop = [*env, f"env.num_envs={num_envs}"]
                 noop += [f"env.envs_per_process={per_process}"] if args.env != "toy" else []
-                with closing(RawRun(noop)) as raw_run, closing(PlatformRun(
-                        [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu])) as platform_run:
-                    raw_row, platform = measure([raw_run, platform_run], args.repeats)
-                raw = raw_row["steps_per_s"]
-                print(f"raw simulator, no-op, {num_envs} envs, {per_process}/process: {raw:9.1f} env steps/s", flush=True)
-                print(f"platform, no-op policy:              {platform['steps_per_s']:9.1f} env steps/s", flush=True)
-                result["noop"].append({"num_envs": num_envs, "envs_per_process": per_process, "raw_steps_per_s": raw,
-                                       "platform": platform, "overhead_ratio": platform["steps_per_s"] / raw})
+                platform = [*noop, *COMMON, "policy=constant", "placement=colocated", *placement_gpu]
+                row = {"num_envs": num_envs, "envs_per_process": per_process}
+                # The raw env stays open; each platform variant takes turns with it in its own pair
+                # (three sets of simulator processes at once would not fit 16 subprocess envs in memory).
+                with closing(RawRun(noop)) as raw_run:
+                    for key, overrides in (("platform", platform),
+                                           ("platform_in_env", [*platform, "placement.rollout_in_env=true"])):
+                        with closing(PlatformRun(overrides)) as platform_run:
+                            raw, row[key] = measure([raw_run, platform_run], args.repeats)
+                        suffix = key.removeprefix("platform")
+                        row[f"raw_steps_per_s{suffix}"] = raw["steps_per_s"]
+                        row[f"overhead_ratio{suffix}"] = row[key]["steps_per_s"] / raw["steps_per_s"]
+                        print(f"{num_envs} envs, {per_process}/process: raw {raw['steps_per_s']:9.1f}, {key} "
+                              f"{row[key]['steps_per_s']:9.1f} env steps/s", flush=True)
+                result["noop"].append(row)
             result["ray_round_trip"] = ray_round_trip_ms(configs[0][0])
             print(f"bare Ray actor call: {result['ray_round_trip']['ping_ms']:.2f} ms, with a {configs[0][0]}-row "
                   f"Batch each way {result['ray_round_trip']['act_ms']:.2f} ms", flush=True)
@@ -211,10 +222,11 @@ def main() -> None:
 
     print(f"\n{'measurement':<40} {'env steps/s':>12} {'act ms':>8} {'env ms':>8} {'ratio':>7} {'goal':>6}")
     for row in result.get("noop", []):
-        p, name = row["platform"], f"raw, {row['num_envs']} envs, {row['envs_per_process']} per process"
-        print(f"{name:<40} {row['raw_steps_per_s']:>12.1f}")
-        print(f"{'platform, no-op policy':<40} {p['steps_per_s']:>12.1f} {p['act_ms']:>8.2f} {p['env_ms']:>8.2f} "
-              f"{row['overhead_ratio']:>7.2f} {'>=0.9':>6}")
+        for label, suffix in (("platform, no-op policy", ""), ("platform, no-op policy, in env", "_in_env")):
+            name, p = f"raw, {row['num_envs']} envs, {row['envs_per_process']} per process", row[f"platform{suffix}"]
+            print(f"{name:<40} {row[f'raw_steps_per_s{suffix}']:>12.1f}")
+            print(f"{label:<40} {p['steps_per_s']:>12.1f} {p['act_ms']:>8.2f} {p['env_ms']:>8.2f} "
+                  f"{row[f'overhead_ratio{suffix}']:>7.2f} {'>=0.9':>6}")
     if "ray_round_trip" in result:
         trip = result["ray_round_trip"]
         print(f"{'bare Ray actor call: ping / act-sized':<40} {'':>12} {trip['act_ms']:>8.2f} {'':>8} "

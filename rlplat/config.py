@@ -511,6 +511,11 @@ class PlacementConfig:
     # Env pipeline stages: K > 1 splits the envs into K groups stepped in turn, so one stage
     # simulates while the policy acts for another (pipelined rollout); 1: all envs step together.
     pipeline_stages: int = 1
+    # Each env worker holds a replica of the rollout policy and runs whole rollouts itself: one
+    # call per rollout instead of two per env step, for policies cheap next to the simulator
+    # (MLP/CNN on CPU). Replicas get weights after every update; each samples from its own
+    # stream, so the sampled actions depend on the number of env workers. Not with stages > 1.
+    rollout_in_env: bool = False
 
 
 # --------------------------------------------------------------------------- logger

@@ -30,13 +30,11 @@ from rlplat.logging import (
 from rlplat.policies.openvla.action_tokenizer import compute_stats
 from rlplat.runtime.placement import Placement, PlacementSpec, parse_devices
 from rlplat.runtime.worker_group import WorkerGroup
-from rlplat.workers.env import EnvStages, EnvWorker
+from rlplat.workers.env import EPISODE_KEYS, EnvStages, EnvWorker, final_values
 from rlplat.workers.policy import PolicyWorker
 
 log = logging.getLogger(__name__)
 
-FINAL = "final/"
-_EPISODE_KEYS = ("rewards", "terminated", "truncated", "success", "episode_return", "episode_length")
 
 
 def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algorithm:
@@ -64,6 +62,14 @@ def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algor
             f"{type(algo).__name__} trains a critic but policy.value_head=false; set policy.value_head=true "
             f"or pick an algorithm without one (algo=grpo)"
         )
+    if cfg.placement.get("rollout_in_env"):
+        if int(cfg.placement.get("pipeline_stages", 1)) > 1:
+            raise ValueError("placement.rollout_in_env=true runs the policy inside the env workers, so there is "
+                             "no inference to overlap with simulation: set placement.pipeline_stages=1 or "
+                             "placement.rollout_in_env=false")
+        if algo.uses_expert:
+            raise ValueError(f"{type(algo).__name__} rolls out the env's scripted expert, not the policy: "
+                             "set placement.rollout_in_env=false")
     check_batch(algo, cfg, max_episode_steps)
     return algo
 
@@ -89,6 +95,8 @@ class EmbodiedLoop:
         self.algo = algo or check_config(cfg)
         self.num_envs = cfg.env.num_envs
         self.rng = np.random.default_rng(cfg.seed)
+        # The env workers hold policy replicas and run rollouts themselves (no expert rollouts).
+        self.rollout_in_env = bool(cfg.placement.get("rollout_in_env", False))
         self._build_workers()
         self.num_steps = self.algo.rollout_steps(self.max_episode_steps)
         # Pipelined rollout: env stages overlap with policy inference (not for scripted experts).
@@ -142,14 +150,19 @@ class EmbodiedLoop:
         records, ended = [], torch.zeros(self.num_envs, dtype=torch.bool)
         returns, lengths, successes = [], [], []
         self._waits = {"act": 0.0, "env": 0.0}
-        transitions = self._pipelined_steps() if self.pipelined else self._steps()
+        if self.rollout_in_env:
+            transitions = self._steps_in_env()
+        else:
+            transitions = self._pipelined_steps() if self.pipelined else self._steps()
         for obs, out, result in transitions:
             record = obs.select(*self.obs_keys)
             record.update(out)
-            record.update(result.select(*_EPISODE_KEYS))
+            record.update(result.select(*EPISODE_KEYS))
             done = result["terminated"] | result["truncated"]
             if self.algo.needs_final_values:
-                record["final_values"] = self._final_values(result)
+                # The env workers' replicas computed them already under rollout_in_env.
+                record["final_values"] = (result["final_values"] if "final_values" in result
+                                          else final_values(result, self.obs_keys, self.rollout.value))
             # Episodic algorithms score each env's first episode only.
             counted = done & ~ended if self.algo.episodic else done
             returns.append(result["episode_return"][counted])
@@ -191,6 +204,17 @@ class EmbodiedLoop:
             yield self.obs, out, result
             self.obs = result.select(*self.obs_keys)
 
+    def _steps_in_env(self) -> Iterator[tuple[Batch, Batch, Batch]]:
+        """Like ``_steps``, with the policy replicas in the env workers acting
+        (placement.rollout_in_env): one call per rollout instead of two per step. ``act`` counts
+        the slowest worker's time in its replica, ``env`` the rest of the call."""
+        t0 = time.perf_counter()
+        steps, obs, act_s = self.envs.rollout(self.obs, self.num_steps)
+        self._waits["act"] += act_s
+        self._waits["env"] += time.perf_counter() - t0 - act_s
+        yield from steps
+        self.obs = obs
+
     def _pipelined_steps(self) -> Iterator[tuple[Batch, Batch, Batch]]:
         """Like ``_steps``, with the envs in K stages: while stage k simulates, the policy acts for
         stage k+1, so simulation and inference overlap (placement.pipeline_stages). ``env`` waits
@@ -230,6 +254,8 @@ class EmbodiedLoop:
         self.action_stats = {"key": key, "stats": compute_stats(actions)}
         for group in self.policy_groups:
             group.set_action_stats(self.action_stats["stats"], key)
+        if self.rollout_in_env:
+            self.envs.set_action_stats(self.action_stats["stats"], key)
 
     def update(self, batch: Batch, step: int) -> dict[str, float]:
         """One algorithm update on the actor group; returns its averaged metrics."""
@@ -248,9 +274,15 @@ class EmbodiedLoop:
         return metrics
 
     def sync_weights(self) -> None:
-        """Copies trained weights to a separate rollout group (no-op when they are fused)."""
+        """Copies trained weights to a separate rollout group (no-op when they are fused) and to
+        the env workers' replicas (placement.rollout_in_env)."""
+        if self.rollout is self.actor and not self.rollout_in_env:
+            return
+        weights = self.actor.get_weights()
         if self.rollout is not self.actor:
-            self.rollout.set_weights(self.actor.get_weights())
+            self.rollout.set_weights(weights)
+        if self.rollout_in_env:
+            self.envs.set_weights(weights)
 
     def evaluate(self, video_path: Path | None = None) -> dict[str, float]:
         """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes.
@@ -347,6 +379,8 @@ class EmbodiedLoop:
         """Loads a checkpoint's policy (weights, optimizer, RNG) into every policy group."""
         for group in self.policy_groups:
             group.load(str(Path(folder) / checkpoint.POLICY))
+        if self.rollout_in_env:
+            self.envs.load_policy(str(Path(folder) / checkpoint.POLICY))
 
     # ------------------------------------------------------------------ set-up
     def _build_workers(self) -> None:
@@ -362,6 +396,9 @@ class EmbodiedLoop:
             "include_final_obs": self.algo.needs_final_values,
             "torch_threads": threads,
         }
+        if self.rollout_in_env:
+            env_kwargs["policy"] = {"policy_cfg": OmegaConf.to_container(cfg.policy, resolve=True),
+                                    "algo_cfg": OmegaConf.to_container(cfg.algo, resolve=True), "seed": cfg.seed}
 
         def env_group(sizes: dict[str, int], name: str) -> WorkerGroup:
             # Pipeline stages on the same devices split the env role's share between them.
@@ -408,6 +445,8 @@ class EmbodiedLoop:
                 self.actor = group
         if self.actor.world_size > 1:
             self.actor.init_distributed(self.actor.rendezvous())
+        if self.rollout_in_env:
+            self.sync_weights()  # the replicas start from the actor's weights
 
     def shutdown(self) -> None:
         """Stops the worker groups and frees the placement group."""
@@ -418,17 +457,6 @@ class EmbodiedLoop:
     # ------------------------------------------------------------------ helpers
     def _fresh_seeds(self) -> list[int]:
         return [int(s) for s in self.rng.integers(0, 2**31 - 1, size=self.num_envs)]
-
-    def _final_values(self, result: Batch) -> torch.Tensor:
-        """V(final obs) where an episode was truncated (0 elsewhere)."""
-        truncated = result["truncated"]
-        values = torch.zeros(len(result))
-        if truncated.any():
-            final = Batch(batch_size=len(result))
-            for key in self.obs_keys:
-                final[key] = result[FINAL + key]
-            values = torch.where(truncated, self.rollout.value(final)["values"], values)
-        return values
 
     def _media(self, name: str) -> Path:
         return self.run_dir / "media" / name

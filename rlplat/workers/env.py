@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,8 +13,28 @@ from hydra.utils import instantiate
 from rlplat.batch import Batch
 from rlplat.runtime.dispatch import Dispatch, register
 from rlplat.runtime.worker import Worker
+from rlplat.workers.policy import PolicyWorker
 
 SPLITS = ("train", "eval")
+# Prefix of the final observation's keys in a step result (``include_final_obs``).
+FINAL = "final/"
+# Key of the policy replica's RNG state in ``EnvWorker.get_state``.
+POLICY_RNG = "policy_rng"
+# What ``EnvWorker.step`` returns about the step besides the next observation.
+EPISODE_KEYS = ("rewards", "terminated", "truncated", "success", "episode_return", "episode_length")
+
+
+def final_values(result: Batch, obs_keys: list[str], value: Callable[[Batch], Batch]) -> torch.Tensor:
+    """V(final observation) where ``result`` (an ``EnvWorker.step`` result) truncated an episode,
+    0 elsewhere; ``value(obs)`` gives a Batch with ``values``."""
+    truncated = result["truncated"]
+    values = torch.zeros(len(result))
+    if truncated.any():
+        final = Batch(batch_size=len(result))
+        for key in obs_keys:
+            final[key] = result[FINAL + key]
+        values = torch.where(truncated, value(final)["values"], values)
+    return values
 
 
 def shard_size(total: int, rank: int, world_size: int) -> int:
@@ -33,6 +55,11 @@ class EnvWorker(Worker):
         include_final_obs: return the terminal observation of finished episodes (``final/*``
             keys) so truncated episodes can be bootstrapped.
         torch_threads: intra-op threads of this process.
+        policy: ``PolicyWorker`` arguments (``policy_cfg``, ``algo_cfg``, ``seed``) for a replica
+            of the rollout policy in this process (``placement.rollout_in_env``): ``rollout``
+            then runs whole rollouts here, with no call out per env step. The replica samples
+            from this process's torch RNG, seeded per rank, and gets its weights from
+            ``set_weights``.
     """
 
     def __init__(
@@ -45,6 +72,7 @@ class EnvWorker(Worker):
         num_eval_envs: int,
         include_final_obs: bool = True,
         torch_threads: int = 1,
+        policy: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, world_size)
         torch.set_num_threads(torch_threads)
@@ -54,6 +82,13 @@ class EnvWorker(Worker):
             for split, total in sizes.items()
         }
         self.include_final_obs = include_final_obs
+        train = self.envs["train"]
+        self.obs_keys = list(train.single_observation_space.spaces)
+        self.replica: PolicyWorker | None = None
+        if policy is not None:
+            self.replica = PolicyWorker(rank, world_size, observation_space=train.single_observation_space,
+                                        action_space=train.single_action_space, roles=["rollout"],
+                                        torch_threads=torch_threads, **policy)
 
     @register(Dispatch.RANK_ZERO)
     def spec(self) -> dict[str, Any]:
@@ -85,8 +120,53 @@ class EnvWorker(Worker):
         if self.include_final_obs:
             final = Batch.from_numpy_dict(info["final_obs"])
             for key in final.keys():
-                out[f"final/{key}"] = final[key]
+                out[FINAL + key] = final[key]
         return out
+
+    @register(Dispatch.SHARD_BY_BATCH)
+    def rollout(self, obs: Batch, num_steps: int) -> dict[str, Any]:
+        """``num_steps`` training steps from ``obs`` (this shard's rows), acting with the local
+        policy replica. Returns ``steps``: per step (observation, policy output, result), where the
+        result holds ``EPISODE_KEYS`` and, when truncated episodes are bootstrapped,
+        ``final_values`` (V of the final observation where truncated, else 0); ``obs``: the
+        observation after the last step; ``act_s``: seconds spent in the policy."""
+        replica = self._replica()
+        steps, act_s = [], 0.0
+        for _ in range(num_steps):
+            t0 = time.perf_counter()
+            out = replica.act(obs)
+            act_s += time.perf_counter() - t0
+            result = self.step(out.select("actions"))
+            episode = result.select(*EPISODE_KEYS)
+            if self.include_final_obs:
+                t0 = time.perf_counter()
+                episode["final_values"] = final_values(result, self.obs_keys, self._replica().value)
+                act_s += time.perf_counter() - t0
+            steps.append((obs, out, episode))
+            obs = result.select(*self.obs_keys)
+        return {"steps": steps, "obs": obs, "act_s": act_s}
+
+    @register(Dispatch.ONE_TO_ALL)
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Loads the trained weights into the policy replica."""
+        self._replica().set_weights(weights)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def set_action_stats(self, stats: dict[str, Any], key: str) -> None:
+        """Hands action statistics to the policy replica (``PolicyWorker.set_action_stats``)."""
+        self._replica().set_action_stats(stats, key)
+
+    @register(Dispatch.ONE_TO_ALL)
+    def load_policy(self, path: str) -> None:
+        """Loads a checkpoint's policy weights and action statistics into the replica (its
+        sampling RNG is part of ``get_state``)."""
+        self._replica().load(path, rng=False)
+
+    def _replica(self) -> PolicyWorker:
+        if self.replica is None:
+            raise RuntimeError("this EnvWorker holds no policy replica: it is built with policy=... "
+                               "when placement.rollout_in_env=true")
+        return self.replica
 
     @register(Dispatch.ONE_TO_ALL)
     def expert_actions(self, noise: float = 0.0, split: str = "train") -> Batch:
@@ -105,13 +185,22 @@ class EnvWorker(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def get_state(self) -> dict[str, Any]:
-        """Everything needed to continue the training envs exactly (for checkpoints)."""
-        return self.envs["train"].get_state()
+        """Everything needed to continue the training envs exactly (for checkpoints), and the
+        policy replica's sampling RNG where there is one."""
+        state = self.envs["train"].get_state()
+        return {**state, POLICY_RNG: torch.get_rng_state()} if self.replica is not None else state
 
     @register(Dispatch.ONE_TO_ALL)
     def set_state(self, states: list[dict[str, Any]]) -> None:
         """Restores this rank's entry of ``states`` (as returned by ``get_state``)."""
-        self.envs["train"].set_state(states[self.rank])
+        state = dict(states[self.rank])
+        rng = state.pop(POLICY_RNG, None)
+        if (rng is None) != (self.replica is None):
+            raise ValueError("the checkpoint's env states were saved with placement.rollout_in_env="
+                             f"{rng is not None}; resume with the same setting")
+        if rng is not None:
+            torch.set_rng_state(rng)
+        self.envs["train"].set_state(state)
 
 
 class EnvStages:
@@ -178,6 +267,31 @@ class EnvStages:
     def stage_rows(self, batch: Batch) -> list[Batch]:
         """``batch`` (global env order) cut into the stages' rows."""
         return batch.chunk(self.stages)
+
+    def rollout(self, obs: Batch, num_steps: int) -> tuple[list[tuple[Batch, Batch, Batch]], Batch, float]:
+        """``EnvWorker.rollout`` on every shard of the one stage (``obs`` in global env order):
+        per step (observation, policy output, result) in global env order, the observation after
+        the last step, and the slowest shard's seconds in its policy replica."""
+        if self.stages != 1:
+            raise ValueError("rollouts in the env workers run unstaged: placement.pipeline_stages must be 1")
+        shards = self.groups[0].rollout(obs, num_steps=num_steps)
+        steps = [tuple(Batch.concat(list(part)) for part in zip(*step))
+                 for step in zip(*(shard["steps"] for shard in shards))]
+        return steps, Batch.concat([shard["obs"] for shard in shards]), max(shard["act_s"] for shard in shards)
+
+    def _each(self, method: str, *args: Any) -> None:
+        for call in [g.call_async(method, *args) for g in self.groups]:
+            call.get()
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Loads trained weights into every env worker's policy replica."""
+        self._each("set_weights", weights)
+
+    def set_action_stats(self, stats: dict[str, Any], key: str) -> None:
+        self._each("set_action_stats", stats, key)
+
+    def load_policy(self, path: str) -> None:
+        self._each("load_policy", path)
 
     def expert_actions(self, noise: float = 0.0, split: str = "train") -> list[Batch]:
         calls = [g.call_async("expert_actions", noise=noise, split=split) for g in self.groups]

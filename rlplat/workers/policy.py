@@ -172,11 +172,12 @@ class PolicyWorker(TrainedWeights, Worker):
             (folder / ACTION_STATS_FILE).write_text(json.dumps(self.action_stats, indent=2))
 
     @register(Dispatch.ONE_TO_ALL)
-    def load(self, path: str) -> None:
-        """Restores what ``save`` wrote (weights always; optimizer and RNG where present)."""
+    def load(self, path: str, rng: bool = True) -> None:
+        """Restores what ``save`` wrote (weights always; optimizer, and RNG unless ``rng=False``,
+        where present)."""
         folder = Path(path)
         if (folder / ACTION_STATS_FILE).exists():
             saved = json.loads((folder / ACTION_STATS_FILE).read_text())
             self.set_action_stats(saved["stats"], saved["key"])
         # The reference stays the initial policy: it is rebuilt from the same seed on resume.
-        self._load_weights(folder)
+        self._load_weights(folder, rng=rng)

@@ -56,12 +56,13 @@ class TrainedWeights:
         rng = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in self.rng_streams().items()}}
         torch.save(rng, self._rng_file(folder))
 
-    def _load_weights(self, folder: Path) -> None:
-        """Restores what ``_save_weights`` wrote (weights always; optimizer and RNG where present)."""
+    def _load_weights(self, folder: Path, rng: bool = True) -> None:
+        """Restores what ``_save_weights`` wrote (weights always; optimizer, and RNG if ``rng``,
+        where present)."""
         self.policy.load_trainable_state_dict(load_file(folder / WEIGHTS_FILE))
         if self.optimizer is not None and (folder / OPTIMIZER_FILE).exists():
             self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
-        if self._rng_file(folder).exists():
+        if rng and self._rng_file(folder).exists():
             rng = torch.load(self._rng_file(folder), weights_only=True)
             torch.set_rng_state(rng["torch"])
             for name, generator in self.rng_streams().items():

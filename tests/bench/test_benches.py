@@ -125,11 +125,15 @@ def test_rollout_bench_measures_all_four_on_the_toy_env(tmp_path: Path, monkeypa
                                       "--vla-episode-steps", "3", "--repeats", "1", "--out", str(out)], monkeypatch)
     result = json.loads(out.read_text())
     (noop,) = result["noop"]
-    platform, vla = noop["platform"], result["vla"]
-    for rate in (noop["raw_steps_per_s"], platform["steps_per_s"], vla["sequential"]["steps_per_s"],
-                 vla["pipelined"]["steps_per_s"]):
+    platform, in_env, vla = noop["platform"], noop["platform_in_env"], result["vla"]
+    for rate in (noop["raw_steps_per_s"], noop["raw_steps_per_s_in_env"], platform["steps_per_s"],
+                 in_env["steps_per_s"], vla["sequential"]["steps_per_s"], vla["pipelined"]["steps_per_s"]):
         assert rate > 0 and math.isfinite(rate)
+    # Each platform variant is compared with the raw rounds it took turns with.
     assert noop["overhead_ratio"] == pytest.approx(platform["steps_per_s"] / noop["raw_steps_per_s"])
+    assert noop["overhead_ratio_in_env"] == pytest.approx(in_env["steps_per_s"] / noop["raw_steps_per_s_in_env"])
+    # In the env worker the policy's time is its own (no round trip), and part of the step.
+    assert 0 < in_env["act_ms"] < in_env["act_ms"] + in_env["env_ms"] <= 1e3 * 4 / in_env["steps_per_s"] * 1.01
     # A bare actor call is part of what a platform step costs (a step makes two and more).
     trip, step_ms = result["ray_round_trip"], 1e3 * 4 / platform["steps_per_s"]  # 4 envs per step
     assert 0 < trip["ping_ms"] and 0 < trip["act_ms"] < 5 * step_ms

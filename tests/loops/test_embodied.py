@@ -283,3 +283,72 @@ def test_env_stages_equal_one_env_group(ray_local):
     finally:
         one.shutdown()
         two.shutdown()
+
+
+def _local_policy(loop: EmbodiedLoop):
+    """The actor's current policy, rebuilt in this process."""
+    from hydra.utils import instantiate
+
+    spec = loop.envs.spec()
+    policy = instantiate(OmegaConf.to_container(loop.cfg.policy, resolve=True),
+                         observation_space=spec["observation_space"], action_space=spec["action_space"])
+    policy.load_trainable_state_dict(loop.actor.get_weights())
+    return policy.eval()
+
+
+def test_rollout_in_env_acts_with_the_actors_weights_and_keeps_rows_aligned(ray_local, tmp_path):
+    # The env workers' replicas act; what they record must be the actor's policy (log-probs and
+    # values of the recorded actions under the actor's weights), before and after an update.
+    cfg = compose([*SMALL, "placement.rollout_in_env=true", "placement.num_devices=2", "placement.roles.env=0-1",
+                   "placement.cpus_per_device=0.5", "trainer.total_steps=1", "trainer.save_video=false"])
+    loop = EmbodiedLoop(cfg, tmp_path)
+    try:
+        assert loop.rollout_in_env and loop.envs.groups[0].world_size == 2
+        for iteration in (1, 2):
+            batch, metrics = loop.collect_rollout()
+            assert len(batch) == loop.num_steps * loop.num_envs
+            assert metrics["perf/rollout_act_s"] > 0 and metrics["perf/rollout_env_s"] > 0
+            with torch.no_grad():
+                ev = _local_policy(loop).evaluate(batch, batch["actions"], {})
+            torch.testing.assert_close(ev.logprobs, batch["logprobs"], rtol=0, atol=1e-4)
+            torch.testing.assert_close(ev.values, batch["values"], rtol=0, atol=1e-4)
+            # Bootstrap values only where an episode was truncated (the toy truncates at 50 steps).
+            assert bool((batch["final_values"][~batch["truncated"]] == 0).all())
+            t, n = loop.num_steps, loop.num_envs
+            state, actions = batch["state"].reshape(t, n, -1)[..., :2], batch["actions"].reshape(t, n, -1)
+            done = (batch["terminated"] | batch["truncated"]).reshape(t, n)
+            expected = (state[:-1] + 0.1 * actions[:-1].clamp(-1, 1)).clamp(-1, 1)
+            torch.testing.assert_close(state[1:][~done[:-1]], expected[~done[:-1]], rtol=0, atol=1e-5)
+            if iteration == 1:
+                before = loop.actor.get_weights()
+                loop.update(loop.algo.compute_advantages(batch, t, n), 1)
+                loop.sync_weights()
+                assert any(not torch.equal(before[k], w) for k, w in loop.actor.get_weights().items())
+    finally:
+        loop.shutdown()
+
+
+def test_rollout_in_env_resumes_exactly(ray_local, tmp_path):
+    # The replicas' sampling RNG travels with the env states: a run resumed from step 2 draws the
+    # same actions as the uninterrupted one.
+    args = [*SMALL, "placement.rollout_in_env=true", "trainer.total_steps=4", "trainer.checkpoint_every=2",
+            "trainer.eval_every=0", "trainer.save_video=false"]
+    run(compose(args), tmp_path / "ref")
+    run(compose([*args, f"resume={tmp_path / 'ref/checkpoints/step_2'}"]), tmp_path / "resumed")
+    want = [_deterministic(r) for r in read_metrics(tmp_path / "ref/metrics.jsonl")]
+    got = [_deterministic(r) for r in read_metrics(tmp_path / "resumed/metrics.jsonl")]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert got == want
+    # Resuming with the other setting is refused: the states do not carry the same parts.
+    with pytest.raises(ValueError, match="rollout_in_env=True; resume with the same setting"):
+        run(compose([*args, "placement.rollout_in_env=false", f"resume={tmp_path / 'ref/checkpoints/step_2'}"]),
+            tmp_path / "other")
+
+
+def test_rollout_in_env_refuses_pipelines_and_expert_rollouts():
+    from rlplat.loops.embodied import check_config
+
+    with pytest.raises(ValueError, match="set placement.pipeline_stages=1 or placement.rollout_in_env=false"):
+        check_config(compose([*SMALL, "placement=pipelined", "placement.rollout_in_env=true"]))
+    with pytest.raises(ValueError, match="scripted expert, not the policy: set placement.rollout_in_env=false"):
+        check_config(compose(["experiment=vla_toy_sft", "placement.rollout_in_env=true"]))
