@@ -36,7 +36,6 @@ from rlplat.workers.policy import PolicyWorker
 log = logging.getLogger(__name__)
 
 
-
 def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algorithm:
     """Builds the algorithm and checks the batch arithmetic before anything starts.
 

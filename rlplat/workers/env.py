@@ -140,7 +140,7 @@ class EnvWorker(Worker):
             episode = result.select(*EPISODE_KEYS)
             if self.include_final_obs:
                 t0 = time.perf_counter()
-                episode["final_values"] = final_values(result, self.obs_keys, self._replica().value)
+                episode["final_values"] = final_values(result, self.obs_keys, replica.value)
                 act_s += time.perf_counter() - t0
             steps.append((obs, out, episode))
             obs = result.select(*self.obs_keys)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -69,6 +71,41 @@ def test_gpu_script_runs_the_tiny_shape_on_cpu(tmp_path: Path, monkeypatch: pyte
     assert 0 < ppo["trainable_params"] < result["params"]
     assert math.isfinite(ppo["loss"])
     assert ppo["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+# Stands in for ``python`` on PATH: runs the bench script until its arguments are parsed, notes the
+# command line in $PARSED_LOG and exits 0; a bad argument exits 2 (argparse), which stops the
+# calling shell script (set -e).
+_PARSE_ONLY = """import argparse, os, runpy, sys
+parse = argparse.ArgumentParser.parse_args
+def parse_only(self, *args, **kwargs):
+    parse(self, *args, **kwargs)
+    with open(os.environ["PARSED_LOG"], "a") as log:
+        log.write(" ".join(sys.argv) + "\\n")
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse_only
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+BENCH = Path(__file__).parents[2] / "bench"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("gpu_*.sh")))
+def test_gpu_shell_scripts_pass_arguments_their_benches_accept(script: str, tmp_path: Path) -> None:
+    # The GPU scripts run only on a lent GPU machine; their command lines are checked here.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "parse_only.py").write_text(_PARSE_ONLY)
+    (shim / "python").write_text(f'#!/bin/sh\nexec {sys.executable} {shim / "parse_only.py"} "$@"\n')
+    (shim / "nvidia-smi").write_text("#!/bin/sh\necho 'no GPU: argument check only'\n")
+    for tool in ("python", "nvidia-smi"):
+        (shim / tool).chmod(0o755)
+    log = tmp_path / "parsed.txt"
+    proc = subprocess.run(["bash", str(BENCH / script)], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "PARSED_LOG": str(log)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = log.read_text().splitlines()
+    assert lines and all(line.startswith("bench/") for line in lines), lines
 
 
 def test_diffusion_step_bench_runs_both_variants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
