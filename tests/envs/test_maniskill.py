@@ -209,3 +209,23 @@ def test_ppo_runs_through_the_platform(ray_local, tmp_path, policy, obs_mode):
     assert 0.0 <= final["eval/success_rate"] <= 1.0 and np.isfinite(rows[-1]["train/loss"])
     assert (tmp_path / "checkpoints/step_2/policy/model.safetensors").exists()
     assert (tmp_path / "media/episode.gif").stat().st_size > 0
+
+
+def test_ppo_preset_runs_its_rollouts_in_the_env_worker(ray_local, tmp_path):
+    # experiment=maniskill_pushcube_ppo_mlp (placement.rollout_in_env=true), cut to 2 iterations.
+    from rlplat.config import compose
+    from rlplat.logging import read_metrics
+    from rlplat.train import run
+
+    cfg = compose([
+        "experiment=maniskill_pushcube_ppo_mlp", "env.num_envs=4", "env.envs_per_process=2", "env.max_episode_steps=8",
+        "algo.rollout_steps=8", "algo.num_minibatches=2", "trainer.total_steps=2", "trainer.eval_every=2",
+        "trainer.eval_episodes=2", "trainer.checkpoint_every=2", "trainer.save_video=false", "logger.progress_bar=false",
+    ])
+    assert cfg.placement.rollout_in_env
+    run(cfg, tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["env_steps"] for r in rows] == [32, 64]
+    assert all(r["perf/rollout_act_s"] > 0 and np.isfinite(r["train/value_loss"]) for r in rows)
+    assert 0.0 <= rows[-1]["eval/success_rate"] <= 1.0
+    assert (tmp_path / "checkpoints/step_2/trainer_state.pt").exists()

@@ -352,3 +352,14 @@ def test_rollout_in_env_refuses_pipelines_and_expert_rollouts():
         check_config(compose([*SMALL, "placement=pipelined", "placement.rollout_in_env=true"]))
     with pytest.raises(ValueError, match="scripted expert, not the policy: set placement.rollout_in_env=false"):
         check_config(compose(["experiment=vla_toy_sft", "placement.rollout_in_env=true"]))
+
+
+def test_rollout_in_env_with_one_env_worker_equals_the_controller_path(ray_local, tmp_path):
+    # One env worker's replica is seeded like the colocated rollout worker (rank 0) and an MLP
+    # update draws nothing from the global RNG, so the two paths sample the same actions.
+    args = [*SMALL, "trainer.total_steps=3", "trainer.eval_every=3", "trainer.save_video=false"]
+    run(compose(args), tmp_path / "controller")
+    run(compose([*args, "placement.rollout_in_env=true"]), tmp_path / "in_env")
+    want = [_deterministic(r) for r in read_metrics(tmp_path / "controller/metrics.jsonl")]
+    got = [_deterministic(r) for r in read_metrics(tmp_path / "in_env/metrics.jsonl")]
+    assert got == want and "train/pg_loss" in got[-1]
