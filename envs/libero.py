@@ -209,6 +209,7 @@ class LiberoEnv(SimVectorEnv):
         vector: str = "async",
         envs_per_process: int = 1,
         context: str | None = "forkserver",
+        ignore_terminations: bool = False,
     ) -> None:
         """Builds ``num_envs`` LIBERO scenes; call ``reset`` before ``step``.
 
@@ -223,6 +224,7 @@ class LiberoEnv(SimVectorEnv):
             vector: "async" (subprocesses) or "sync" (all in this process).
             envs_per_process: async: scenes per subprocess, stepped one after another there.
             context: multiprocessing start method of the async vector.
+            ignore_terminations: Success does not end the episode (episodes run to the limit).
 
         Raises:
             ValueError: a bad argument, named.
@@ -242,7 +244,7 @@ class LiberoEnv(SimVectorEnv):
                   "max_episode_steps": max_episode_steps or SUITE_MAX_STEPS[suite], "settle_steps": settle_steps}
         sim = process_vector([functools.partial(_single, kwargs) for _ in range(num_envs)], vector, context,
                              envs_per_process)
-        super().__init__(sim, num_envs)
+        super().__init__(sim, num_envs, ignore_terminations=ignore_terminations)
 
     def instructions(self, obs: Obs) -> list[str]:
         return [self.task_names[int(t)] for t in obs["task_index"]]

@@ -119,6 +119,7 @@ class ToyReachEnv(VectorEnv):
         reward_mode: str = "dense",
         action_scale: float = 0.1,
         success_radius: float = 0.1,
+        ignore_terminations: bool = False,
     ) -> None:
         """Builds N toy reach envs; call ``reset`` before ``step``.
 
@@ -133,6 +134,8 @@ class ToyReachEnv(VectorEnv):
             reward_mode: "dense" or "sparse".
             action_scale: Gripper displacement per unit action, > 0.
             success_radius: Gripper-to-target distance below which the task is solved, > 0.
+            ignore_terminations: Success does not end the episode; every episode runs
+                ``max_episode_steps`` (the gripper may leave the target again).
 
         Raises:
             ValueError: If an argument is out of range; the message names it.
@@ -177,6 +180,7 @@ class ToyReachEnv(VectorEnv):
         self.reward_mode = reward_mode
         self.action_scale = float(action_scale)
         self.success_radius = float(success_radius)
+        self.ignore_terminations = bool(ignore_terminations)
         self._colors = colors
         n, k, c = int(num_envs), self.num_objects, len(colors)
 
@@ -327,8 +331,8 @@ class ToyReachEnv(VectorEnv):
 
         dist = self._target_distance()
         success = dist < self.success_radius
-        terminated = success.copy()
-        truncated = ~success & (self._t >= self.max_episode_steps)
+        terminated = np.zeros_like(success) if self.ignore_terminations else success.copy()
+        truncated = ~terminated & (self._t >= self.max_episode_steps)
         if self.reward_mode == "sparse":
             reward = success * SUCCESS_BONUS
         else:

@@ -214,6 +214,8 @@ class ToyEnvConfig:
     action_scale: float = 0.1
     # Distance to the target that counts as success.
     success_radius: float = 0.1
+    # Success does not end the episode (episodes always run max_episode_steps).
+    ignore_terminations: bool = False
 
 
 @dataclass
@@ -285,6 +287,8 @@ class LiberoEnvConfig:
     envs_per_process: int = 1
     # Start method of the async vector (forkserver, spawn or fork).
     context: str | None = "forkserver"
+    # Success does not end the episode (episodes always run max_episode_steps).
+    ignore_terminations: bool = False
 
 
 # --------------------------------------------------------------------------- preference
@@ -337,6 +341,10 @@ class PPOConfig:
     gamma: float = 0.99
     # GAE lambda.
     gae_lambda: float = 0.95
+    # Which episode ends bootstrap V(final observation): always (every end, as ManiSkill's PPO:
+    # an episode that ends in success keeps the value of where it got) or truncated (only
+    # time-limit ends; a terminal state is worth 0, the textbook MDP).
+    bootstrap_at_done: str = "truncated"
     # Minibatches per epoch; num_envs * rollout_steps must divide evenly.
     num_minibatches: int = 4
     # Passes over each rollout.
@@ -349,7 +357,7 @@ class PPOConfig:
     ent_coef: float = 0.0
     # Weight of the value loss.
     vf_coef: float = 0.5
-    # Stop the epoch loop once approx KL exceeds this (null: never).
+    # Stop the update before a minibatch whose approx KL exceeds this (null: never).
     target_kl: float | None = None
     # Normalise advantages per minibatch.
     norm_adv: bool = True
@@ -555,6 +563,9 @@ class TrainerConfig:
     # Evaluation envs over all env workers (null: min(eval_episodes, env.num_envs)). Every
     # simulator env costs memory (a ManiSkill CPU env is a ~350 MB process), so this bounds it.
     eval_num_envs: int | None = None
+    # Evaluation episodes run to the env's limit even after success, so eval/success_at_end
+    # (success at the last step) is meaningful beside eval/success_once (success at any step).
+    eval_ignore_terminations: bool = False
     # Seeds of the evaluation episodes: null draws them from the run seed; an int s uses
     # s, s+1, ... (LIBERO: 0 gives the official protocol's tasks x init states).
     eval_seed_start: int | None = None

@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,33 +137,53 @@ def _summary(row: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One subplot of a learning-curve figure: metric keys against the x key."""
+
+    #: Y-axis label.
+    y_label: str
+    #: Metric keys drawn as lines (eval/* keys with markers).
+    keys: tuple[str, ...]
+    #: Fixed y-range, or None to fit the data.
+    y_range: tuple[float, float] | None = None
+
+
+#: The embodied loop's figure: success (training episodes, greedy evaluation at any step and at
+#: the last step) and episode return.
+EMBODIED_PANELS = (
+    Panel("success rate", ("train/success_rate", "eval/success_once", "eval/success_at_end"), (-0.02, 1.02)),
+    Panel("episode return", ("train/episode_return", "eval/episode_return")),
+)
+
+
 def plot_learning_curve(
     metrics_path: Path,
     out_png: Path,
-    keys: Sequence[str] = ("train/success_rate", "eval/success_rate"),
+    panels: Sequence[Panel] = EMBODIED_PANELS,
     x_key: str = "env_steps",
-    y_label: str = "success rate",
-    y_range: tuple[float, float] | None = (-0.02, 1.02),
 ) -> Path:
-    """``keys`` (default: success rates) versus ``x_key`` (default: env steps), saved as a PNG."""
+    """Each panel's keys versus ``x_key`` (default: env steps), side by side, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        pts = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, marker="o" if key.startswith("eval") else None, label=key)
-    ax.set_xlabel(x_key.replace("_", " "))
-    ax.set_ylabel(y_label)
-    if y_range is not None:
-        ax.set_ylim(*y_range)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for key in panel.keys:
+            pts = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
+            if pts:
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="o" if key.startswith("eval") else None, label=key)
+        ax.set_xlabel(x_key.replace("_", " "))
+        ax.set_ylabel(panel.y_label)
+        if panel.y_range is not None:
+            ax.set_ylim(*panel.y_range)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)

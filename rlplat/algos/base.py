@@ -42,7 +42,8 @@ class Algorithm(abc.ABC):
         needs_value: whether the policy's critic is trained and used.
         episodic: whether each iteration starts fresh episodes from chosen seeds (GRPO groups)
             instead of continuing the envs where the last iteration left them (PPO).
-        needs_final_values: whether truncated episodes are bootstrapped with V(final obs).
+        needs_final_values: whether episode ends are bootstrapped with V(final obs) (the env
+            workers return final observations and the rollout records their values).
     """
 
     needs_value: ClassVar[bool] = True
@@ -111,53 +112,70 @@ class Algorithm(abc.ABC):
         batch: Batch,
         generator: torch.Generator,
         sync_grads: Callable[[], None] | None = None,
-        sync_scalar: Callable[[float], float] | None = None,
+        sync_mean: Callable[[list[float]], list[float]] | None = None,
         iteration: int = 1,
     ) -> dict[str, float]:
         """Runs the epochs x minibatches optimisation of ``loss`` on one rollout.
 
-        ``sync_grads`` averages gradients over data-parallel actor workers, and ``sync_scalar``
-        averages a float (the KL used for early stopping, so every rank stops together).
+        ``sync_grads`` averages gradients over data-parallel actor workers, and ``sync_mean``
+        averages a list of floats over them, so every rank takes the same decisions: a
+        minibatch whose loss is not finite on *any* rank is skipped by all (never stepped, so no
+        rank waits alone in the gradient all-reduce), and the KL early stop uses the mean KL.
         ``iteration`` (from 1) is the training iteration, for schedules such as critic warm-up.
-        Minibatches whose loss is not finite are skipped and counted, never stepped.
+
+        The approx KL of each minibatch is checked *before* its optimizer step (as ManiSkill's
+        and SB3's PPO do): a minibatch that is already beyond ``algo.target_kl`` is not stepped
+        and the update ends there (``train/kl_stop``; ``train/update_fraction`` says how much of
+        the planned epochs x minibatches ran).
         """
         self.iteration = iteration
         sums: dict[str, float] = defaultdict(float)
-        count, skipped = 0, 0
+        count, skipped, stop_kl = 0, 0, None
         target_kl = self.cfg.get("target_kl")
         params = [p for p in policy.parameters() if p.requires_grad]
-        stop = False
+        planned = self.cfg["update_epochs"] * self.cfg["num_minibatches"]
         for _ in range(self.cfg["update_epochs"]):
             for mb in batch.minibatches(self.cfg["num_minibatches"], generator):
                 # The minibatch carries the rollout's extras (e.g. the VLA's action tokens).
                 out = policy.evaluate(mb, mb["actions"], mb)
                 loss, metrics = self.loss(mb, out)
-                if not torch.isfinite(loss):
+                nonfinite, kl = float(not torch.isfinite(loss)), float(metrics.get("approx_kl", 0.0))
+                if sync_mean is not None:
+                    nonfinite, kl = sync_mean([nonfinite, 0.0 if nonfinite else kl])
+                if nonfinite > 0:
                     skipped += 1
-                    log.warning("non-finite loss %s: minibatch skipped", float(loss))
+                    log.warning("non-finite loss %s (on this rank or another): minibatch skipped", float(loss))
                     continue
+                if target_kl is not None and kl > target_kl:
+                    stop_kl = kl
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if sync_grads is not None:
                     sync_grads()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim["max_grad_norm"])
+                if not torch.isfinite(grad_norm):
+                    # Gradients are already averaged here, so every rank sees the same norm.
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    log.warning("non-finite gradient norm %s: minibatch skipped", float(grad_norm))
+                    continue
                 optimizer.step()
                 metrics = {**metrics, "loss": loss.detach(), "grad_norm": grad_norm}
                 for key, value in metrics.items():
                     sums[key] += float(value)
+                sums["grad_norm_max"] = max(sums["grad_norm_max"], float(grad_norm))
                 count += 1
-                kl = float(metrics.get("approx_kl", 0.0))
-                if sync_scalar is not None:
-                    kl = sync_scalar(kl)
-                if target_kl is not None and kl > target_kl:
-                    stop = True
-                    break
-            if stop:
+            if stop_kl is not None:
                 break
-        result = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+        result = {f"train/{k}": v / max(count, 1) for k, v in sums.items() if k != "grad_norm_max"}
+        result["train/grad_norm_max"] = sums["grad_norm_max"]
         result["train/minibatches"] = float(count)
+        result["train/update_fraction"] = count / planned
         result["train/skipped_nonfinite"] = float(skipped)
-        result["train/early_stop"] = float(stop)
+        result["train/kl_stop"] = float(stop_kl is not None)
+        if stop_kl is not None:
+            result["train/kl_at_stop"] = stop_kl
         return result
 
     def learning_rate(self, step: int, total_steps: int) -> float:

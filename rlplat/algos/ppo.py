@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rlplat.algos.advantages import gae, normalize
@@ -11,33 +13,65 @@ from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
 
 
+#: What V(s_{t+1}) is at a step where an episode ended (``algo.bootstrap_at_done``).
+BOOTSTRAP_MODES = ("always", "truncated")
+
+
 def bootstrap_next_values(
     values: torch.Tensor,
     last_values: torch.Tensor,
     final_values: torch.Tensor,
     terminated: torch.Tensor,
     truncated: torch.Tensor,
+    bootstrap_at_done: str = "truncated",
 ) -> torch.Tensor:
     """V(s_{t+1}) as seen by each step of a rollout with same-step auto-reset.
 
     Args:
         values: V(s_t) [T, N] recorded during the rollout.
         last_values: V(s_T) [N] of the observation after the last step.
-        final_values: V(final obs) [T, N] where the episode was truncated (else ignored).
-        terminated: [T, N] episode reached a terminal state at step t (no bootstrap: 0).
-        truncated: [T, N] episode hit its time limit at step t (bootstrap from the final obs).
+        final_values: V(final obs) [T, N] where an episode ended at step t (else ignored).
+        terminated: [T, N] episode reached a terminal state at step t.
+        truncated: [T, N] episode hit its time limit at step t.
+        bootstrap_at_done: ``"truncated"``: only a time-limit end bootstraps from the final
+            observation and a terminal state is worth 0 (the textbook MDP); ``"always"``: every
+            end bootstraps from the final observation (ManiSkill's PPO), so an episode that ends
+            in success keeps the value of the state it reached instead of losing every reward
+            that would have followed. With dense rewards that pay near the goal, ``"truncated"``
+            makes hovering next to the goal worth more than succeeding.
 
     Returns:
         next_values [T, N]: the next row of ``values`` (or ``last_values``) while the episode
-        goes on, V(final obs) after a truncation, 0 after a termination.
+        goes on, V(final obs) where the episode ended and is bootstrapped, 0 after a terminal
+        state that is not.
     """
     following = torch.cat([values[1:], last_values.unsqueeze(0)], dim=0)
-    next_values = torch.where(truncated.bool(), final_values, following)
-    return torch.where(terminated.bool(), torch.zeros_like(next_values), next_values)
+    terminated, truncated = terminated.bool(), truncated.bool()
+    if bootstrap_at_done == "always":
+        return torch.where(terminated | truncated, final_values, following)
+    if bootstrap_at_done != "truncated":
+        raise ValueError(f"algo.bootstrap_at_done={bootstrap_at_done!r}: must be one of {BOOTSTRAP_MODES}")
+    next_values = torch.where(truncated, final_values, following)
+    return torch.where(terminated, torch.zeros_like(next_values), next_values)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)``: 1 for a perfect critic, 0 for one that
+    predicts the mean, negative for one worse than that (NaN when the returns do not vary)."""
+    var = returns.var()
+    return float(1.0 - (returns - values).var() / var) if float(var) > 0 else float("nan")
 
 
 class PPO(Algorithm):
     """Clipped-surrogate PPO on continuing rollouts of ``rollout_steps`` per env."""
+
+    def __init__(self, **cfg: Any) -> None:
+        super().__init__(**cfg)
+        mode = cfg.get("bootstrap_at_done", "truncated")
+        if mode not in BOOTSTRAP_MODES:
+            raise ValueError(f"algo.bootstrap_at_done={mode!r}: must be one of {BOOTSTRAP_MODES} "
+                             "(always: every episode end bootstraps from its final observation; truncated: "
+                             "only time-limit ends do)")
 
     def rollout_steps(self, max_episode_steps: int) -> int:
         return int(self.cfg["rollout_steps"])
@@ -47,7 +81,8 @@ class PPO(Algorithm):
         values = batch["values"].view(shape)
         terminated, truncated = batch["terminated"].view(shape), batch["truncated"].view(shape)
         next_values = bootstrap_next_values(
-            values, batch.meta["last_values"], batch["final_values"].view(shape), terminated, truncated
+            values, batch.meta["last_values"], batch["final_values"].view(shape), terminated, truncated,
+            self.cfg.get("bootstrap_at_done", "truncated"),
         )
         advantages, returns = gae(
             batch["rewards"].view(shape), values, next_values, terminated | truncated,
@@ -55,6 +90,14 @@ class PPO(Algorithm):
         )
         batch["advantages"] = advantages.reshape(-1)
         batch["returns"] = returns.reshape(-1)
+        # What the critic and the advantages look like before the update (train/* metrics).
+        batch.meta["diagnostics"] = {
+            "explained_variance": explained_variance(values, returns),
+            "value_mean": float(values.mean()),
+            "return_mean": float(returns.mean()),
+            "return_std": float(returns.std()),
+            "advantage_std": float(advantages.std()),
+        }
         return batch
 
     def loss(self, mb: Batch, out: EvalOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

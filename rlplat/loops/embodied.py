@@ -263,6 +263,8 @@ class EmbodiedLoop:
         for key in ("valid_rows", "kept_groups", "outcome_mean"):
             if key in batch.meta:
                 metrics[f"train/{key}"] = float(batch.meta[key])
+        # The algorithm's view of the rollout before the update (e.g. PPO's explained variance).
+        metrics |= {f"train/{key}": float(value) for key, value in batch.meta.get("diagnostics", {}).items()}
         if batch.meta.get("valid_rows", 1) == 0:
             log.info("no informative rollouts this iteration: update skipped")
             return metrics
@@ -288,6 +290,10 @@ class EmbodiedLoop:
 
         The episodes run in rounds of ``eval_num_envs`` (one episode per eval env per round);
         every episode is fixed by its seed, so the result does not depend on the round size.
+        ``eval/success_once`` counts episodes that succeeded at any step, ``eval/success_at_end``
+        those that were successful at their last step (with ``trainer.eval_ignore_terminations``
+        the episodes run to the limit, so this asks whether the policy *stays* at the goal);
+        ``eval/success_rate``, the headline, is ``success_once``.
         """
         n = self.cfg.trainer.eval_episodes
         start = self.cfg.trainer.get("eval_seed_start")
@@ -297,37 +303,42 @@ class EmbodiedLoop:
             seeds = np.arange(int(start), int(start) + n)
         rounds = [self._eval_round(seeds[i:i + self.num_eval_envs], video_path if i == 0 else None)
                   for i in range(0, n, self.num_eval_envs)]
-        success, returns, lengths, tasks = (torch.cat(parts) if parts[0] is not None else None
-                                            for parts in zip(*rounds))
+        once, at_end, returns, lengths, tasks = (torch.cat(parts) if parts[0] is not None else None
+                                                 for parts in zip(*rounds))
         metrics = {
-            "eval/success_rate": float(success.mean()),
+            "eval/success_rate": float(once.mean()),
+            "eval/success_once": float(once.mean()),
+            "eval/success_at_end": float(at_end.mean()),
             "eval/episode_return": float(returns.mean()),
             "eval/episode_length": float(lengths.mean()),
         }
         # Multi-task envs (LIBERO) tag episodes with their task: success is also reported per task.
         if tasks is not None:
             for task in sorted(set(tasks.tolist())):
-                metrics[f"eval/success_task_{task}"] = float(success[tasks == task].mean())
+                metrics[f"eval/success_task_{task}"] = float(once[tasks == task].mean())
         return metrics
 
     def _eval_round(self, seeds: np.ndarray, video_path: Path | None) -> tuple[torch.Tensor, ...]:
         """One episode on each of the first ``len(seeds)`` eval envs; returns per-episode
-        (success, return, length, task index or None). Eval envs beyond ``len(seeds)`` (the last
-        round) run an episode of the next seeds that is not counted."""
+        (success at any step, success at the last step, return, length, task index or None).
+        Eval envs beyond ``len(seeds)`` (the last round) run an episode of the next seeds that is
+        not counted."""
         n, spare = len(seeds), self.num_eval_envs - len(seeds)
         padded = np.concatenate([seeds, seeds[-1] + 1 + np.arange(spare)]) if spare else seeds
         obs = self.envs.reset(Batch({"seed": torch.tensor(padded)}), split="eval")
         tasks = obs["task_index"][:n].clone() if "task_index" in obs else None
         ended = torch.zeros(self.num_eval_envs, dtype=torch.bool)
         ended[n:] = True
-        success, returns = torch.zeros(n), torch.zeros(n)
+        once, at_end, returns = torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.zeros(n)
         lengths = torch.full((n,), float(self.max_episode_steps))
         frames = [self.envs.render(split="eval", index=0)] if video_path else []
         for _ in range(self.max_episode_steps):
             out = self.rollout.act(obs, deterministic=True)
             result = self.envs.step(out.select("actions"), split="eval")
+            success = result["success"][:n]
+            once |= success & ~ended[:n]
             new = ((result["terminated"] | result["truncated"]) & ~ended)[:n]
-            success[new] = result["success"][:n][new].float()
+            at_end[new] = success[new].float()
             returns[new] = result["episode_return"][:n][new]
             lengths[new] = result["episode_length"][:n][new].float()
             # Env 0 auto-resets when its episode ends, so the video stops at the step before.
@@ -339,7 +350,7 @@ class EmbodiedLoop:
                 break
         if video_path and frames:
             save_video(frames, video_path)
-        return success, returns, lengths, tasks
+        return once.float(), at_end, returns, lengths, tasks
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
@@ -393,6 +404,7 @@ class EmbodiedLoop:
         env_kwargs = {
             "env_cfg": OmegaConf.to_container(cfg.env, resolve=True),
             "include_final_obs": self.algo.needs_final_values,
+            "eval_ignore_terminations": bool(cfg.trainer.get("eval_ignore_terminations", False)),
             "torch_threads": threads,
         }
         if self.rollout_in_env:

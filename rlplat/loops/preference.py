@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import checkpoint
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, RunLogger, plot_learning_curve, save_image_grid, truncate_metrics
+from rlplat.logging import METRICS_FILE, Panel, RunLogger, plot_learning_curve, save_image_grid, truncate_metrics
 from rlplat.runtime.placement import Placement, PlacementSpec
 from rlplat.runtime.worker_group import WorkerGroup
 from rlplat.workers.diffusion import DiffusionWorker
@@ -239,8 +239,7 @@ class PreferenceLoop:
     def _report(self, metrics: dict[str, Any]) -> None:
         media = self.run_dir / "media"
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, media / "learning_curve.png",
-                                   keys=("reward/mean", "eval/reward"), x_key="samples", y_label="reward",
-                                   y_range=None)
+                                   panels=[Panel("reward", ("reward/mean", "eval/reward"))], x_key="samples")
         print(f"final eval reward ({self.source.name}, held-out prompts): {metrics.get('eval/reward', float('nan')):.4f}")
         print(f"learning curve: {plot}")
         grids = sorted(media.glob("eval_step_*.png"))

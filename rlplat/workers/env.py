@@ -25,15 +25,16 @@ EPISODE_KEYS = ("rewards", "terminated", "truncated", "success", "episode_return
 
 
 def final_values(result: Batch, obs_keys: list[str], value: Callable[[Batch], Batch]) -> torch.Tensor:
-    """V(final observation) where ``result`` (an ``EnvWorker.step`` result) truncated an episode,
-    0 elsewhere; ``value(obs)`` gives a Batch with ``values``."""
-    truncated = result["truncated"]
+    """V(final observation) where ``result`` (an ``EnvWorker.step`` result) ended an episode
+    (terminated or truncated), 0 elsewhere; ``value(obs)`` gives a Batch with ``values``. The
+    algorithm decides which ends it bootstraps (PPO's ``algo.bootstrap_at_done``)."""
+    done = result["terminated"] | result["truncated"]
     values = torch.zeros(len(result))
-    if truncated.any():
+    if done.any():
         final = Batch(batch_size=len(result))
         for key in obs_keys:
             final[key] = result[FINAL + key]
-        values = torch.where(truncated, value(final)["values"], values)
+        values = torch.where(done, value(final)["values"], values)
     return values
 
 
@@ -53,7 +54,9 @@ class EnvWorker(Worker):
         num_envs: training envs over all workers.
         num_eval_envs: evaluation envs over all workers.
         include_final_obs: return the terminal observation of finished episodes (``final/*``
-            keys) so truncated episodes can be bootstrapped.
+            keys) so their ends can be bootstrapped.
+        eval_ignore_terminations: build the evaluation envs with ``ignore_terminations=True``,
+            so evaluation episodes run to the limit (success at the end vs at any step).
         torch_threads: intra-op threads of this process.
         policy: ``PolicyWorker`` arguments (``policy_cfg``, ``algo_cfg``, ``seed``) for a replica
             of the rollout policy in this process (``placement.rollout_in_env``): ``rollout``
@@ -71,14 +74,16 @@ class EnvWorker(Worker):
         num_envs: int,
         num_eval_envs: int,
         include_final_obs: bool = True,
+        eval_ignore_terminations: bool = False,
         torch_threads: int = 1,
         policy: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(rank, world_size)
         torch.set_num_threads(torch_threads)
         sizes = {"train": num_envs, "eval": num_eval_envs}
+        overrides = {"train": {}, "eval": {"ignore_terminations": True} if eval_ignore_terminations else {}}
         self.envs = {
-            split: instantiate(env_cfg, num_envs=shard_size(total, rank, world_size))
+            split: instantiate(env_cfg, num_envs=shard_size(total, rank, world_size), **overrides[split])
             for split, total in sizes.items()
         }
         self.include_final_obs = include_final_obs
@@ -128,7 +133,7 @@ class EnvWorker(Worker):
         """``num_steps`` training steps from ``obs`` (this shard's rows), acting with the local
         policy replica. Returns ``steps``: per step (observation, policy output, result), where the
         result holds ``EPISODE_KEYS`` and, when truncated episodes are bootstrapped,
-        ``final_values`` (V of the final observation where truncated, else 0); ``obs``: the
+        ``final_values`` (V of the final observation where an episode ended, else 0); ``obs``: the
         observation after the last step; ``act_s``: seconds spent in the policy."""
         replica = self._replica()
         steps, act_s = [], 0.0

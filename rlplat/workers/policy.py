@@ -123,7 +123,7 @@ class PolicyWorker(TrainedWeights, Worker):
             batch,
             self.minibatch_generator,
             sync_grads=self._average_gradients if distributed else None,
-            sync_scalar=self._average_scalar if distributed else None,
+            sync_mean=self._average_floats if distributed else None,
             iteration=iteration,
         )
 
@@ -133,10 +133,10 @@ class PolicyWorker(TrainedWeights, Worker):
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= self.world_size
 
-    def _average_scalar(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64)
+    def _average_floats(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t) / self.world_size
+        return (t / self.world_size).tolist()
 
     @register(Dispatch.RANK_ZERO)
     def rendezvous(self) -> str:

@@ -312,8 +312,9 @@ def test_rollout_in_env_acts_with_the_actors_weights_and_keeps_rows_aligned(ray_
                 ev = _local_policy(loop).evaluate(batch, batch["actions"], {})
             torch.testing.assert_close(ev.logprobs, batch["logprobs"], rtol=0, atol=1e-4)
             torch.testing.assert_close(ev.values, batch["values"], rtol=0, atol=1e-4)
-            # Bootstrap values only where an episode was truncated (the toy truncates at 50 steps).
-            assert bool((batch["final_values"][~batch["truncated"]] == 0).all())
+            # Bootstrap values only where an episode ended (the toy truncates at 50 steps).
+            ended = batch["terminated"] | batch["truncated"]
+            assert bool((batch["final_values"][~ended] == 0).all())
             t, n = loop.num_steps, loop.num_envs
             state, actions = batch["state"].reshape(t, n, -1)[..., :2], batch["actions"].reshape(t, n, -1)
             done = (batch["terminated"] | batch["truncated"]).reshape(t, n)
