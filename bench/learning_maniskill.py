@@ -1,15 +1,20 @@
-"""Learning benchmark: PPO with a state MLP on ManiSkill3 PushCube-v1 on CPU, success vs steps and time.
+"""Learning benchmark: PPO with a state MLP on ManiSkill3 on CPU, success vs env steps and time.
 
-    python bench/learning_maniskill.py                       # seeds 0 1 2, the preset's 300 iterations
-    python bench/learning_maniskill.py --seeds 0 --steps 20  # a quick look
+    python bench/learning_maniskill.py                        # PushCube preset, seeds 0 1 2
+    python bench/learning_maniskill.py --seeds 0 --steps 40   # a quick look
+    python bench/learning_maniskill.py --label truncated --seeds 0 --set algo.bootstrap_at_done=truncated
+    python bench/learning_maniskill.py --preset maniskill_pickcube_ppo_mlp --seeds 0
 
-Every run is ``rlplat-train experiment=maniskill_pushcube_ppo_mlp`` (in-process, own local Ray;
-ManiSkill's PPO baseline shape: joint-delta control, normalized dense reward, gamma 0.8, 3x256
-MLP) on the CPU simulator. The greedy success rate on fixed evaluation episodes is recorded every
-``--eval-every`` iterations against env steps and wall time (the sum of the iterations' own
-times, evaluations included). ManiSkill reports PushCube solved in under a minute on one GPU with
-thousands of envs; this is the honest 2-core CPU curve. Prints a table and writes
-bench/results/learning_maniskill.json.
+Every run is ``rlplat-train experiment=<preset>`` (in-process, own local Ray) on the CPU
+simulator. Each evaluation (greedy, fixed seeds) records ``success_once`` (succeeded at any
+step; the headline), ``success_at_end`` (successful at the last step, episodes run to the limit
+under ``trainer.eval_ignore_terminations``) and the return, against env steps and wall time (the
+sum of the iterations' own times, evaluations included). The training diagnostics of every
+iteration (explained variance, approx KL, clip fraction, KL stops, entropy, grad norm) are kept
+per run. Results are stored under ``--label`` in ``bench/results/learning_<preset>.json`` (other
+labels in the file are kept, so A/B variants sit side by side) and printed as a table with the
+acceptance summary: the first evaluation at or above ``--target`` per seed and whether every
+later one stays there.
 """
 
 from __future__ import annotations
@@ -26,58 +31,106 @@ from rlplat.config import compose
 from rlplat.logging import METRICS_FILE, read_metrics
 from rlplat.train import run
 
-COMMON = ["experiment=maniskill_pushcube_ppo_mlp", "name=bench_maniskill", "trainer.save_video=false",
-          "logger.progress_bar=false", "logger.log_every=1000"]
+COMMON = ["trainer.eval_at_start=true", "trainer.save_video=false", "logger.progress_bar=false", "logger.log_every=1000"]
+EVAL_KEYS = {"success_once": "eval/success_once", "success_at_end": "eval/success_at_end",
+             "return": "eval/episode_return"}
+TRAIN_KEYS = ("explained_variance", "approx_kl", "clipfrac", "kl_stop", "update_fraction", "entropy",
+              "grad_norm", "value_loss", "return_mean", "value_mean", "episode_return", "success_rate")
 
 
-def curve(run_dir: Path) -> list[dict]:
-    """(env steps, wall seconds, success) at every evaluation of a run."""
-    out, wall = [], 0.0
+def curve(run_dir: Path) -> tuple[list[dict], dict[str, list[float]]]:
+    """Evaluation points (env steps, wall seconds, success, return) and per-iteration diagnostics."""
+    points, wall = [], 0.0
+    train: dict[str, list[float]] = {key: [] for key in TRAIN_KEYS}
     for row in read_metrics(run_dir / METRICS_FILE):
         wall += float(row.get("perf/iteration_s", 0.0))
-        if row.get("eval/success_rate") is not None:
-            out.append({"env_steps": int(row["env_steps"]), "wall_s": wall, "success": float(row["eval/success_rate"])})
-    return out
+        if row["step"] > 0:
+            for key in TRAIN_KEYS:
+                train[key].append(row.get(f"train/{key}"))
+        if row.get("eval/success_once") is not None:
+            points.append({"env_steps": int(row["env_steps"]), "wall_s": wall,
+                           **{name: float(row[key]) for name, key in EVAL_KEYS.items()}})
+    return points, train
+
+
+def summarize(points: list[dict], target: float, by_steps: int) -> dict:
+    """First evaluation with success_once >= target, and whether every later one holds it."""
+    first = next((p for p in points if p["success_once"] >= target), None)
+    later = [p["success_once"] for p in points if first is not None and p["env_steps"] >= first["env_steps"]]
+    after_by = [p["success_once"] for p in points if p["env_steps"] >= by_steps]
+    return {
+        "first_env_steps": first["env_steps"] if first else None,
+        "first_wall_s": first["wall_s"] if first else None,
+        "min_after_first": min(later) if later else None,
+        "min_from_by_steps": min(after_by) if after_by else None,
+        "passes": bool(first and first["env_steps"] <= by_steps and after_by and min(after_by) >= target),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="maniskill_pushcube_ppo_mlp", help="conf/experiment preset")
+    parser.add_argument("--label", default="preset", help="name of this variant in the JSON")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="iterations per run (default: the preset's)")
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--eval-episodes", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=None, help="iterations (default: the preset's)")
+    parser.add_argument("--eval-episodes", type=int, default=64)
+    parser.add_argument("--target", type=float, default=0.9, help="success_once to reach and hold")
+    parser.add_argument("--by-steps", type=int, default=100_000, help="env steps by which to reach it")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "learning_maniskill.json")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    out = args.out or Path(__file__).parent / "results" / f"learning_{args.preset.removesuffix('_ppo_mlp')}.json"
 
     root = Path(tempfile.mkdtemp(prefix="rlplat-bench-maniskill-"))
     runs = []
     for seed in args.seeds:
-        overrides = [*COMMON, f"seed={seed}", f"trainer.eval_every={args.eval_every}",
+        overrides = [f"experiment={args.preset}", f"name=bench_{args.label}", *COMMON, f"seed={seed}",
                      f"trainer.eval_episodes={args.eval_episodes}", *args.set]
+        if args.eval_every is not None:
+            overrides.append(f"trainer.eval_every={args.eval_every}")
         if args.steps is not None:
             overrides.append(f"trainer.total_steps={args.steps}")
         t0 = time.perf_counter()
         run(compose(overrides), root / f"seed{seed}")
-        points = curve(root / f"seed{seed}")
-        runs.append({"seed": seed, "curve": points, "wall_s": time.perf_counter() - t0})
-        print(f"seed {seed}: " + ", ".join(f"{p['env_steps']}: {p['success']:.2f}" for p in points)
-              + f" ({runs[-1]['wall_s']:.0f} s)", flush=True)
+        points, train = curve(root / f"seed{seed}")
+        runs.append({"seed": seed, "overrides": overrides, "curve": points, "train": train,
+                     "summary": summarize(points, args.target, args.by_steps), "wall_s": time.perf_counter() - t0})
+        print(f"seed {seed}: " + ", ".join(f"{p['env_steps'] // 1000}k {p['success_once']:.2f}/{p['success_at_end']:.2f}"
+                                           for p in points) + f" ({runs[-1]['wall_s']:.0f} s)", flush=True)
 
     # Evaluation points line up across seeds (same schedule): mean +- std per point.
     table = []
     for i, point in enumerate(runs[0]["curve"]):
-        success = np.array([r["curve"][i]["success"] for r in runs])
-        wall = np.array([r["curve"][i]["wall_s"] for r in runs])
-        table.append({"env_steps": point["env_steps"], "wall_s_mean": float(wall.mean()),
-                      "success_mean": float(success.mean()), "success_std": float(success.std())})
-    print(f"\n{'env steps':>10} {'wall s':>8} {'success':>16}")
+        row = {"env_steps": point["env_steps"], "wall_s_mean": float(np.mean([r["curve"][i]["wall_s"] for r in runs]))}
+        for name in EVAL_KEYS:
+            values = np.array([r["curve"][i][name] for r in runs])
+            row[f"{name}_mean"], row[f"{name}_std"] = float(values.mean()), float(values.std())
+            row[f"{name}_min"] = float(values.min())
+        table.append(row)
+    summaries = [r["summary"] for r in runs]
+    kl_stops = [int(np.nansum([x or 0 for x in r["train"]["kl_stop"]])) for r in runs]
+    print(f"\n{args.preset} [{args.label}] {' '.join(args.set)}")
+    print(f"{'env steps':>10} {'wall s':>7} {'success_once':>16} {'min':>5} {'success_at_end':>16} {'return':>8}")
     for row in table:
-        print(f"{row['env_steps']:>10} {row['wall_s_mean']:>8.0f} {row['success_mean']:>9.3f} +- {row['success_std']:.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"{row['env_steps']:>10} {row['wall_s_mean']:>7.0f} {row['success_once_mean']:>9.3f} +- "
+              f"{row['success_once_std']:.3f} {row['success_once_min']:>5.2f} {row['success_at_end_mean']:>9.3f} +- "
+              f"{row['success_at_end_std']:.3f} {row['return_mean']:>8.2f}")
+    for run_ in runs:
+        s = run_["summary"]
+        print(f"seed {run_['seed']}: first >= {args.target} at {s['first_env_steps']} env steps "
+              f"({s['first_wall_s'] and round(s['first_wall_s'])} s), min after it {s['min_after_first']}, "
+              f"passes: {s['passes']}")
+    print(f"KL stops per run: {kl_stops}")
+
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results = results if "variants" in results else {"variants": {}}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(json.dumps({"settings": settings, "common": COMMON, "table": table, "runs": runs}, indent=2))
-    print(f"wrote {args.out}")
+    results["variants"][args.label] = {"settings": settings, "common": COMMON, "table": table, "runs": runs,
+                                       "kl_stops": kl_stops, "all_pass": all(s["passes"] for s in summaries)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out} [{args.label}]")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from rlplat.algos.losses import masked_mean
 from rlplat.batch import Batch
 from rlplat.policies.base import ActionPolicy, EvalOutput
 
@@ -127,10 +128,20 @@ class Algorithm(abc.ABC):
         and SB3's PPO do): a minibatch that is already beyond ``algo.target_kl`` is not stepped
         and the update ends there (``train/kl_stop``; ``train/update_fraction`` says how much of
         the planned epochs x minibatches ran).
+
+        With ``algo.recompute_old_logprobs`` (null: on for bf16/fp16 weights) the rollout's
+        log-probs are first re-scored with the training weights in training mode (verl's
+        choice), so the first ratio is exactly 1 instead of carrying the rollout path's rounding
+        (KV-cached decoding, low-precision matmuls of another batch shape). Either way
+        ``train/ratio_dev_first`` reports mean |ratio - 1| on the first minibatch, before any step.
         """
         self.iteration = iteration
+        # Demonstrations (SFT) carry no behaviour log-probs: there is no ratio to check.
+        has_old_logprobs = "logprobs" in batch
+        if has_old_logprobs and self.recomputes_old_logprobs(policy):
+            rescore_old_logprobs(policy, batch, self.cfg["num_minibatches"])
         sums: dict[str, float] = defaultdict(float)
-        count, skipped, stop_kl = 0, 0, None
+        count, skipped, stop_kl, ratio_dev_first = 0, 0, None, None
         target_kl = self.cfg.get("target_kl")
         params = [p for p in policy.parameters() if p.requires_grad]
         planned = self.cfg["update_epochs"] * self.cfg["num_minibatches"]
@@ -138,13 +149,17 @@ class Algorithm(abc.ABC):
             for mb in batch.minibatches(self.cfg["num_minibatches"], generator):
                 # The minibatch carries the rollout's extras (e.g. the VLA's action tokens).
                 out = policy.evaluate(mb, mb["actions"], mb)
+                if has_old_logprobs and ratio_dev_first is None:
+                    with torch.no_grad():
+                        ratio = (out.logprobs.float() - mb["logprobs"].float()).exp()
+                        ratio_dev_first = float(masked_mean((ratio - 1).abs(), mb["mask"] if "mask" in mb else None))
                 loss, metrics = self.loss(mb, out)
                 nonfinite, kl = float(not torch.isfinite(loss)), float(metrics.get("approx_kl", 0.0))
                 if sync_mean is not None:
                     nonfinite, kl = sync_mean([nonfinite, 0.0 if nonfinite else kl])
                 if nonfinite > 0:
                     skipped += 1
-                    log.warning("non-finite loss %s (on this rank or another): minibatch skipped", float(loss))
+                    log.warning("non-finite loss %s (on this rank or another): minibatch skipped", float(loss.detach()))
                     continue
                 if target_kl is not None and kl > target_kl:
                     stop_kl = kl
@@ -169,6 +184,7 @@ class Algorithm(abc.ABC):
             if stop_kl is not None:
                 break
         result = {f"train/{k}": v / max(count, 1) for k, v in sums.items() if k != "grad_norm_max"}
+        result["train/ratio_dev_first"] = float("nan") if ratio_dev_first is None else ratio_dev_first
         result["train/grad_norm_max"] = sums["grad_norm_max"]
         result["train/minibatches"] = float(count)
         result["train/update_fraction"] = count / planned
@@ -178,9 +194,24 @@ class Algorithm(abc.ABC):
             result["train/kl_at_stop"] = stop_kl
         return result
 
+    def recomputes_old_logprobs(self, policy: ActionPolicy) -> bool:
+        """``algo.recompute_old_logprobs``, where null means: when the weights are bf16 or fp16."""
+        setting = self.cfg.get("recompute_old_logprobs")
+        if setting is None:
+            return any(p.dtype in (torch.bfloat16, torch.float16) for p in policy.parameters())
+        return bool(setting)
+
     def learning_rate(self, step: int, total_steps: int) -> float:
         """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr)."""
         return annealed_lr(self.optim, step, total_steps)
+
+
+def rescore_old_logprobs(policy: ActionPolicy, batch: Batch, num_chunks: int) -> None:
+    """Replaces ``batch["logprobs"]`` with the policy's own log-probs of the recorded actions,
+    scored without gradients in ``num_chunks`` pieces (the update's minibatch size)."""
+    with torch.no_grad():
+        parts = [policy.evaluate(chunk, chunk["actions"], chunk).logprobs for chunk in batch.chunk(num_chunks)]
+    batch["logprobs"] = torch.cat(parts).to(batch["logprobs"].dtype)
 
 
 class PreferenceAlgorithm(abc.ABC):

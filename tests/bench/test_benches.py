@@ -144,16 +144,31 @@ def test_learning_maniskill_bench_records_a_curve(tmp_path: Path, monkeypatch: p
 
     require_simulator("mani_skill")
     out = tmp_path / "maniskill.json"
-    run_main(load_script("learning_maniskill"),
-             ["--seeds", "0", "--steps", "2", "--eval-every", "1", "--eval-episodes", "2", "--out", str(out),
-              "--set", "env.num_envs=2", "env.vector=sync", "algo.rollout_steps=10", "algo.num_minibatches=2"],
+    small = ["--seeds", "0", "--steps", "2", "--eval-every", "1", "--eval-episodes", "2", "--out", str(out),
+             "--by-steps", "20", "--set", "env.num_envs=2", "env.vector=sync", "env.max_episode_steps=10",
+             "algo.rollout_steps=10", "algo.num_minibatches=2"]
+    run_main(load_script("learning_maniskill"), small, monkeypatch)
+    run_main(load_script("learning_maniskill"), [*small, "algo.bootstrap_at_done=truncated", "--label", "truncated"],
              monkeypatch)
     result = json.loads(out.read_text())
-    points = result["runs"][0]["curve"]
-    # Evaluations at steps 0 (eval_at_start), 1 and 2: 2 envs x 10 steps per iteration.
-    assert [p["env_steps"] for p in points][-2:] == [20, 40]
-    assert all(0.0 <= p["success"] <= 1.0 for p in points) and points[-1]["wall_s"] > points[0]["wall_s"]
-    assert result["table"][-1]["env_steps"] == 40
+    # Both variants are kept side by side under their labels.
+    assert set(result["variants"]) == {"preset", "truncated"}
+    variant = result["variants"]["preset"]
+    run_ = variant["runs"][0]
+    points = run_["curve"]
+    # Evaluations at steps 0 (before any update), 1 and 2: 2 envs x 10 steps per iteration.
+    assert [p["env_steps"] for p in points] == [0, 20, 40]
+    for p in points:
+        assert 0.0 <= p["success_once"] <= 1.0 and 0.0 <= p["success_at_end"] <= 1.0
+    assert points[-1]["wall_s"] > points[0]["wall_s"]
+    # One diagnostics entry per iteration; the KL stop count is their sum.
+    assert len(run_["train"]["explained_variance"]) == 2 and variant["kl_stops"] == [sum(run_["train"]["kl_stop"])]
+    assert variant["table"][-1]["env_steps"] == 40
+    summary = run_["summary"]
+    first = next((p for p in points if p["success_once"] >= 0.9), None)
+    assert summary["first_env_steps"] == (first and first["env_steps"])
+    assert summary["passes"] == (first is not None and first["env_steps"] <= 20
+                                 and min(p["success_once"] for p in points[1:]) >= 0.9)
 
 
 def test_rollout_bench_measures_all_four_on_the_toy_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

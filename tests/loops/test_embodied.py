@@ -364,3 +364,45 @@ def test_rollout_in_env_with_one_env_worker_equals_the_controller_path(ray_local
     want = [_deterministic(r) for r in read_metrics(tmp_path / "controller/metrics.jsonl")]
     got = [_deterministic(r) for r in read_metrics(tmp_path / "in_env/metrics.jsonl")]
     assert got == want and "train/pg_loss" in got[-1]
+
+
+class _ReachThenLeave:
+    """Greedy scripted policy on the toy task: heads for the target, and from step ``leave_at`` on
+    the rows in ``leave`` head away from it again (towards and past the arena's centre)."""
+
+    def __init__(self, leave: list[int], leave_at: int) -> None:
+        self.leave, self.leave_at, self.t = leave, leave_at, 0
+
+    def act(self, obs: Batch, deterministic: bool = True) -> Batch:
+        state, gripper = obs["state"].double(), obs["proprio"][:, :2].double()
+        offset = state[:, -2:]  # target - gripper (the toy state's last two columns)
+        actions = offset / 0.1 / (offset.abs().amax(dim=1, keepdim=True) / 0.1).clamp(min=1.0)
+        if self.t >= self.leave_at:
+            target = gripper + offset
+            away = -target / target.norm(dim=1, keepdim=True).clamp(min=1e-6)
+            actions[self.leave] = away[self.leave]
+        self.t += 1
+        return Batch({"actions": actions.float()})
+
+
+@pytest.mark.parametrize("ignore_terminations", [True, False])
+def test_success_once_and_success_at_end_on_scripted_episodes(ignore_terminations):
+    # No Ray: the evaluation round runs on an EnvWorker object and a scripted policy directly.
+    from rlplat.workers.env import EnvWorker
+
+    worker = EnvWorker(env_cfg={"_target_": "rlplat.envs.toy.ToyReachEnv", "num_objects": 1, "max_episode_steps": 40},
+                       num_envs=1, num_eval_envs=2, include_final_obs=False,
+                       eval_ignore_terminations=ignore_terminations)
+    loop = EmbodiedLoop.__new__(EmbodiedLoop)
+    loop.envs, loop.rollout = worker, _ReachThenLeave(leave=[0], leave_at=25)
+    loop.num_eval_envs, loop.max_episode_steps, loop.obs_keys = 2, 40, worker.obs_keys
+    once, at_end, returns, lengths, tasks = loop._eval_round(np.array([3, 4]), None)
+    assert tasks is None
+    if ignore_terminations:
+        # Both reach the target; env 0 then leaves it, env 1 stays: only env 1 succeeds at the end.
+        assert once.tolist() == [1.0, 1.0] and at_end.tolist() == [0.0, 1.0]
+        assert lengths.tolist() == [40.0, 40.0]
+    else:
+        # Success ends the episode before anyone leaves: at any step and at the end agree.
+        assert once.tolist() == [1.0, 1.0] and at_end.tolist() == [1.0, 1.0]
+        assert bool((lengths < 25).all())
