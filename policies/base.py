@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,11 @@ class ActionPolicy(nn.Module, abc.ABC):
     ) -> EvalOutput:
         """``evaluate`` under the reference policy, for policies with ``reference_is_builtin``."""
         raise NotImplementedError(f"{type(self).__name__} keeps no built-in reference")
+
+    def observe(self, obs: Observation, reduce: Callable[[list[float]], list[float]] | None = None) -> None:
+        """Folds a training batch into the policy's input statistics (a no-op unless the policy
+        normalises its observations). ``reduce`` averages floats over data-parallel ranks holding
+        equal shards, so every rank keeps the same statistics."""
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups, each with its ``lr`` (default: every trainable weight at ``lr``)."""

@@ -10,7 +10,7 @@ image baseline.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -91,6 +91,37 @@ class ObsEncoder(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
+class RunningNorm(nn.Module):
+    """Standardises one observation key with running mean and variance of the training data.
+
+    The statistics are buffers, so checkpoints and weight syncs carry them; they change only in
+    ``update`` (once per training batch), never while acting, so a rollout and the update that
+    follows it see the same normalisation. Outputs are clipped to +-``clip`` (cleanrl's 10).
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.clip, self.eps = clip, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.float() - self.mean) / torch.sqrt(self.var + self.eps)
+        return z.clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Merges a batch's mean, (population) variance and row count (Chan et al.'s parallel rule)."""
+        total = self.count + count
+        delta = mean - self.mean
+        new_mean = self.mean + delta * (count / total)
+        m2 = self.var * self.count + var * count + delta.pow(2) * (self.count * count / total)
+        self.mean.copy_(new_mean)
+        self.var.copy_(m2 / total)
+        self.count.fill_(float(total))
+
+
 class _Tower(nn.Module):
     """Encoder + MLP with a linear head of ``out_dim`` outputs."""
 
@@ -131,9 +162,14 @@ class ActorCritic(ActionPolicy):
         init_log_std: float = -0.5,
         instruction_dim: int = 32,
         instruction_buckets: int = 256,
+        normalize_obs: bool = False,
     ) -> None:
         super().__init__()
         action_dim = int(np.prod(action_space.shape))
+        self.obs_norm = nn.ModuleDict({
+            key: RunningNorm(tuple(observation_space[key].shape))
+            for key in (obs_keys if normalize_obs else ()) if key in _VECTOR_KEYS
+        })
 
         def encoder() -> ObsEncoder:
             return ObsEncoder(observation_space, obs_keys, instruction_dim, instruction_buckets)
@@ -142,20 +178,42 @@ class ActorCritic(ActionPolicy):
         self.critic = _Tower(encoder(), hidden_sizes, 1, head_gain=1.0)
         self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
 
+    def _normalized(self, obs: Observation) -> Observation:
+        if not self.obs_norm:
+            return obs
+        device = self.log_std.device
+        return {**{k: obs[k] for k in obs.keys()},
+                **{k: norm(torch.as_tensor(obs[k], device=device)) for k, norm in self.obs_norm.items()}}
+
+    def observe(self, obs: Observation, reduce: Callable[[list[float]], list[float]] | None = None) -> None:
+        for key, norm in self.obs_norm.items():
+            x = torch.as_tensor(obs[key], device=self.log_std.device).float()
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            if reduce is not None:  # equal shards: global mean = mean of means, E[x^2] likewise
+                flat = reduce(torch.cat([mean, var + mean.pow(2)]).tolist())
+                mean, second = torch.tensor(flat, device=x.device).view(2, *mean.shape)
+                var = second - mean.pow(2)
+            norm.update(mean, var, len(x))
+
     def _dist(self, obs: Observation) -> Normal:
         mean = self.actor(obs)
         return Normal(mean, self.log_std.exp().expand_as(mean))
 
     def act(self, obs: Observation, deterministic: bool = False) -> ActOutput:
+        obs = self._normalized(obs)
         dist = self._dist(obs)
         actions = dist.mean if deterministic else dist.sample()
-        return ActOutput(actions, dist.log_prob(actions).sum(-1), self.value(obs))
+        return ActOutput(actions, dist.log_prob(actions).sum(-1), self._value(obs))
 
     def evaluate(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, Any] | None = None
     ) -> EvalOutput:
+        obs = self._normalized(obs)
         dist = self._dist(obs)
-        return EvalOutput(dist.log_prob(actions).sum(-1), dist.entropy().sum(-1), self.value(obs))
+        return EvalOutput(dist.log_prob(actions).sum(-1), dist.entropy().sum(-1), self._value(obs))
 
     def value(self, obs: Observation) -> torch.Tensor:
-        return self.critic(obs).squeeze(-1)
+        return self._value(self._normalized(obs))
+
+    def _value(self, normalized: Observation) -> torch.Tensor:
+        return self.critic(normalized).squeeze(-1)

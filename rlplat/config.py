@@ -36,6 +36,8 @@ class MLPPolicyConfig:
     instruction_dim: int = 32
     # Number of hash buckets for instruction words.
     instruction_buckets: int = 256
+    # Standardise state/proprio with running statistics of the training batches.
+    normalize_obs: bool = False
 
 
 @dataclass

@@ -117,7 +117,7 @@ class PolicyWorker(TrainedWeights, Worker):
             group["lr"] = lr * group["lr_scale"]
         self.policy.train()
         distributed = self.world_size > 1
-        return self.algo.update(
+        metrics = self.algo.update(
             self.policy,
             self.optimizer,
             batch,
@@ -126,6 +126,9 @@ class PolicyWorker(TrainedWeights, Worker):
             sync_mean=self._average_floats if distributed else None,
             iteration=iteration,
         )
+        # After the update, so the next rollout and the update on it share one normalisation.
+        self.policy.observe(batch, self._average_floats if distributed else None)
+        return metrics
 
     def _average_gradients(self) -> None:
         for p in self.policy.parameters():

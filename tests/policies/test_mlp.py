@@ -85,3 +85,40 @@ def test_gradients_flow_to_actor_critic_and_log_std():
     grads = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters()}
     assert grads["log_std"] and grads["actor.mlp.0.weight"] and grads["critic.mlp.0.weight"]
     assert grads["actor.encoder.words.weight"]
+
+
+def test_running_norm_merges_batches_like_one_batch():
+    from rlplat.policies.mlp import RunningNorm
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 3, generator=g) * 3 + 1, torch.randn(24, 3, generator=g) * 0.5 - 2
+    norm = RunningNorm((3,))
+    for x in (a, b):
+        norm.update(x.mean(0), x.var(0, unbiased=False), len(x))
+    both = torch.cat([a, b])
+    torch.testing.assert_close(norm.mean, both.mean(0))
+    torch.testing.assert_close(norm.var, both.var(0, unbiased=False))
+    assert float(norm.count) == 64
+    z = norm(both)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_normalize_obs_standardises_vector_keys_only_after_observe():
+    obs_space, act_space = _spaces()
+    torch.manual_seed(0)
+    plain = ActorCritic(obs_space, act_space, obs_keys=("state", "proprio", "instruction"), hidden_sizes=(16,))
+    torch.manual_seed(0)
+    normed = ActorCritic(obs_space, act_space, obs_keys=("state", "proprio", "instruction"), hidden_sizes=(16,),
+                         normalize_obs=True)
+    assert set(normed.obs_norm) == {"state", "proprio"}
+    obs = _obs(8)
+    # Before any statistics (mean 0, var 1) the two policies agree exactly.
+    torch.testing.assert_close(plain.value(obs), normed.value(obs))
+    scaled = {**obs, "state": obs["state"] * 100 + 5}
+    normed.observe(scaled)
+    # Now the network sees the standardised state: what the plain policy sees for z-scores.
+    z = {k: (scaled[k] - scaled[k].mean(0)) / scaled[k].std(0, unbiased=False) for k in ("state", "proprio")}
+    torch.testing.assert_close(normed.value(scaled), plain.value({**scaled, **z}), atol=1e-4, rtol=0)
+    # The statistics are buffers: checkpoints and weight syncs carry them.
+    assert "obs_norm.state.mean" in normed.trainable_state_dict()

@@ -25,7 +25,8 @@ def _rank(rank: int, port: int, nan_rank: int, results: mp.Queue) -> None:
     from rlplat.workers.policy import PolicyWorker
 
     algo_cfg = {**asdict(PPOConfig()), "num_minibatches": 2, "update_epochs": 1, "target_kl": None}
-    worker = PolicyWorker(rank, 2, policy_cfg={"_target_": "rlplat.policies.mlp.ActorCritic", "hidden_sizes": [8]},
+    worker = PolicyWorker(rank, 2, policy_cfg={"_target_": "rlplat.policies.mlp.ActorCritic", "hidden_sizes": [8],
+                                                      "normalize_obs": True},
                           algo_cfg=algo_cfg, observation_space=OBS_SPACE, action_space=ACTION_SPACE,
                           roles=["rollout", "actor"], seed=0)
     worker.init_distributed(f"tcp://127.0.0.1:{port}")
@@ -62,7 +63,9 @@ def test_a_non_finite_minibatch_on_one_rank_is_skipped_by_every_rank():
         metrics = got[rank][0]
         assert metrics["train/skipped_nonfinite"] == 1.0, (rank, metrics)
         assert metrics["train/minibatches"] == 1.0, (rank, metrics)
-    # Both ranks stepped the same (averaged) gradients, so the replicas stay equal.
+    # Both ranks stepped the same (averaged) gradients and merged the same (averaged) observation
+    # statistics of their different shards, so the replicas stay equal.
     w0, w1 = got[0][1], got[1][1]
+    assert w0["obs_norm.state.count"] == 16.0  # rows per rank (the weight of a batch, equal on every rank)
     assert all(np.array_equal(w0[k], w1[k]) for k in w0)
     assert all(np.isfinite(v).all() for v in w0.values())
