@@ -23,8 +23,14 @@ Info keys returned by ``step`` (all arrays of length N):
 
 Seeding: every sub-env owns its own ``np.random.Generator``. ``reset(seed=s)`` seeds env i with
 ``s + i``, so a shard holding envs [a, b) of a larger run, reset with the seed list
-``[s + a, ..., s + b - 1]``, behaves exactly like those rows of one big env. A seed list with
-repeated values gives identical initial states (GRPO groups).
+``[s + a, ..., s + b - 1]``, behaves exactly like those rows of one big env.
+
+Groups: ``reset_groups(seed, group_size)`` resets and makes every block of ``group_size``
+consecutive envs start from its first env's (the leader's) state, so the episodes of a group
+differ only by the actions taken (GRPO compares them). Where the start state is a function of
+the seed alone (the toy env, one CPU scene per env) giving members their leader's seed suffices;
+where it is not (ManiSkill's batched GPU reset draws all scenes from one stream) the env copies
+the leader's simulator state onto the members.
 """
 
 from __future__ import annotations
@@ -46,15 +52,34 @@ def check_arg(ok: bool, name: str, message: str) -> None:
     """Raises ``ValueError("<name>: <message>")`` unless ``ok``: env arguments name themselves."""
     if not ok:
         raise ValueError(f"{name}: {message}")
+
+
 Seed = int | Sequence[int] | np.ndarray | None
+
+
+def group_leaders(num_envs: int, group_size: int) -> np.ndarray:
+    """The leader of every env's group: int64 [num_envs], env i -> ``i // group_size * group_size``.
+
+    Groups are blocks of ``group_size`` consecutive envs, so a contiguous shard whose size is a
+    multiple of ``group_size`` holds whole groups (the leader of a row never lives elsewhere).
+
+    Raises:
+        ValueError: naming ``group_size`` unless it is an int >= 1 that divides ``num_envs``.
+    """
+    check_arg(isinstance(group_size, numbers.Integral) and not isinstance(group_size, bool)
+              and group_size >= 1 and num_envs % group_size == 0, "group_size",
+              f"must be an int >= 1 that divides num_envs={num_envs} (a group never spans two env "
+              f"shards), got {group_size!r}")
+    return np.arange(num_envs, dtype=np.int64) // int(group_size) * int(group_size)
 
 
 class VectorEnv(gymnasium.vector.VectorEnv, abc.ABC):
     """Abstract batched environment with SAME_STEP partial auto-reset.
 
     Subclasses call ``super().__init__`` with the single-env spaces and implement ``reset``,
-    ``step``, ``get_state``, ``set_state`` and ``render``. See the module docstring for the
-    observation and info keys every implementation must produce.
+    ``step``, ``get_state``, ``set_state`` and ``render``, and override ``reset_groups`` when
+    equal seeds do not give equal start states. See the module docstring for the observation
+    and info keys every implementation must produce.
 
     Attributes:
         num_envs: Number of sub-environments N.
@@ -135,6 +160,30 @@ class VectorEnv(gymnasium.vector.VectorEnv, abc.ABC):
     @abc.abstractmethod
     def render(self, index: int = 0) -> np.ndarray:  # type: ignore[override]
         """Draws sub-env ``index`` as uint8 [H, W, 3] for episode videos, whatever the obs mode."""
+
+    def reset_groups(self, *, seed: Seed = None, group_size: int) -> tuple[Obs, dict[str, Any]]:
+        """``reset(seed)`` where every group of ``group_size`` consecutive envs starts from the
+        state of its first env (the leader), whatever seeds the other members were given.
+
+        GRPO normalises outcomes within a group, which is only an advantage estimate when the
+        group's episodes start alike and differ by the policy's sampling alone. This default
+        resets every member with its leader's seed: enough for envs whose start state is a
+        function of the seed alone (each sub-env draws its episode from its own generator
+        seeded by it). Envs where equal seeds do not give equal states override it.
+
+        Args:
+            seed: As for ``reset``; the leaders' seeds decide the groups' start states.
+            group_size: Envs per group, dividing ``num_envs``.
+
+        Returns:
+            ``(obs, info)`` as from ``reset``; a member's row equals its leader's.
+
+        Raises:
+            ValueError: naming ``group_size`` if it does not divide ``num_envs``.
+        """
+        leaders = group_leaders(self.num_envs, group_size)
+        seeds = self._seeds(seed)
+        return self.reset(seed=[seeds[i] for i in leaders])
 
     def close_extras(self, **kwargs: Any) -> None:
         """Releases simulator resources; numpy envs have none."""

@@ -20,6 +20,21 @@ the same episode as row i of one big env, and auto-resets continue each env's ow
 RNG, so sharded and single-process runs match exactly. On the GPU path ManiSkill draws the
 randomisation of one batched reset from a single torch stream (seeded by the first env's
 seed): runs are reproducible but not shard-invariant.
+
+GRPO groups (``reset_groups``): on the GPU path equal seeds do not give equal scenes (one torch
+stream per batched reset), so after the reset every env restarts from its group leader's state
+through ManiSkill's own ``reset(options={"env_idx": ..., "reset_to_env_states": ...})``: the
+leader's row of ``get_state_dict()`` is written into each env of its group, leader included
+(setting a state is not bit-for-bit a reset's path, and envs that all took the same path step
+identically), the controllers are reset and the observations read again. The CPU path does the
+same per scene (each process gets its leader's ``get_state()`` and RNG states), so the mechanism
+is tested without a GPU. ManiSkill 3.0.1's state dict holds only the poses and velocities of
+non-static actors and the root pose, qpos and qvel of articulations
+(``ManiSkillScene.get_sim_state``; no task overrides ``get_state_dict``): a task that keeps
+randomisation elsewhere (goal tensors on the task, per-scene geometry built at load time) cannot
+be copied this way, so only ``GROUP_COPY_TASKS`` are copied; other tasks reset members with their
+leader's seed on the CPU path (one scene per process: the seed decides the episode) and are
+refused on the GPU path.
 """
 
 from __future__ import annotations
@@ -32,8 +47,9 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from rlplat.envs.base import Obs, check_arg
-from rlplat.envs.sim import GroupedProcessVector, ProcessVector, SimVectorEnv, process_vector, spaces_of
+from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg, group_leaders
+from rlplat.envs.sim import (GroupedProcessVector, ProcessVector, SimVectorEnv, copy_sources, process_vector,
+                             spaces_of)
 
 OBS_MODES = ("state", "rgb", "rgbd")
 REWARD_MODES = ("sparse", "dense", "normalized_dense")
@@ -57,6 +73,18 @@ INSTRUCTIONS: dict[str, str] = {
     "PlugCharger-v1": "plug the charger into the receptacle",
     "TwoRobotStackCube-v1": "stack the cubes together with both arms",
 }
+
+#: Tasks whose whole per-episode randomisation lives in ManiSkill's state dict (poses of
+#: non-static actors, goal markers included, and the robot's qpos), with identical scenes built in
+#: every sub-scene: copying a leader's ``get_state_dict()`` rows makes a member's episode its own.
+#: Checked against ManiSkill 3.0.1's ``_load_scene`` / ``_initialize_episode`` / ``evaluate``; add a
+#: task only after the same check. RollBall-v1's one task tensor, ``reached_status``, is 0 after
+#: every reset. Not copyable: PlugCharger-v1 keeps its randomised ``goal_pose`` on the task,
+#: PegInsertionSide-v1 builds a peg of random size in every scene.
+GROUP_COPY_TASKS = frozenset({
+    "PushCube-v1", "PullCube-v1", "PickCube-v1", "StackCube-v1", "PokeCube-v1", "PlaceSphere-v1",
+    "LiftPegUpright-v1", "PullCubeTool-v1", "PushT-v1", "RollBall-v1",
+})
 
 SETUP_HINT = (
     "SAPIEN (ManiSkill3) needs a Vulkan device even for state observations. Without a GPU, "
@@ -152,6 +180,13 @@ def _restore(base: Any, snap: dict[str, Any]) -> None:
     import torch
 
     base.set_state(torch.as_tensor(snap["sim"], device=base.device))
+    _restore_counters(base, snap)
+
+
+def _restore_counters(base: Any, snap: dict[str, Any]) -> None:
+    """The step counters, seeds and RNGs of a ``_snapshot`` (everything but the simulator state)."""
+    import torch
+
     base._elapsed_steps[:] = torch.as_tensor(snap["elapsed_steps"], device=base.device)
     base._main_seed, base._episode_seed = list(snap["main_seed"]), np.array(snap["episode_seed"], np.int64)
     from mani_skill.envs.utils.randomization.batched_rng import BatchedRNG
@@ -257,6 +292,20 @@ class SingleManiSkill(_ManiSkillHandle, gymnasium.Env):
 
     def render(self) -> np.ndarray:
         return _to_numpy(self.env.render())[0].astype(np.uint8)
+
+    def start_from(self, snap: dict[str, Any]) -> Obs:
+        """Starts this episode from another env's ``snapshot()`` taken right after its reset (a
+        GRPO group leader's) and returns the observation there.
+
+        The state goes in through ManiSkill's ``reset_to_env_states``, which resets the
+        controller after setting it and reads the observation again, exactly as the leader's own
+        reset did; the leader's step counter and RNGs follow, so later auto-resets also match.
+        """
+        import torch
+
+        raw, _ = self.env.reset(options={"reset_to_env_states": {"env_states": torch.as_tensor(snap["sim"])}})
+        _restore_counters(self.base, snap)
+        return self._obs(raw)
 
 
 def _single(cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -> SingleManiSkill:
@@ -377,6 +426,35 @@ class ManiSkillEnv(SimVectorEnv):
 
     def instructions(self, obs: Obs) -> list[str]:
         return [self.instruction] * self.num_envs
+
+    def reset_groups(self, *, seed: Seed = None, group_size: int) -> tuple[Obs, dict[str, Any]]:
+        """``reset(seed)``, then every group member takes its leader's simulator state (see the
+        module docstring): on the GPU path equal seeds do not give equal scenes.
+
+        Tasks outside ``GROUP_COPY_TASKS`` keep state the copy would miss: on the CPU path their
+        members are reset with their leader's seed instead (each scene's episode is a function
+        of its seed), on the GPU path they are refused.
+
+        Raises:
+            ValueError: naming ``group_size`` if it does not divide ``num_envs``; naming ``task``
+                for a task outside ``GROUP_COPY_TASKS`` on ``physx_cuda``.
+        """
+        leaders = group_leaders(self.num_envs, group_size)
+        if group_size == 1:
+            return self.reset(seed=seed)
+        if self.task not in GROUP_COPY_TASKS:
+            check_arg(self.sim_backend != "physx_cuda", "task",
+                      f"{self.task!r} is not in envs/maniskill.py GROUP_COPY_TASKS: ManiSkill's state dict "
+                      "holds actor and articulation states only, so copying a group leader's state on "
+                      "physx_cuda cannot guarantee that a GRPO group starts alike. Use env.sim_backend="
+                      "physx_cpu (equal seeds give equal scenes there), a task from GROUP_COPY_TASKS, or "
+                      "add the task there once its randomisation is known to live in the state dict")
+            return VectorEnv.reset_groups(self, seed=seed, group_size=group_size)
+        _, info = self.reset(seed=seed)
+        self._last_obs = self._with_instruction(self._sim.copy_starts(leaders))
+        return self._last_obs, info
+
+
 class _Batched(_ManiSkillHandle):
     """GPU path: one ManiSkill env with all scenes batched on the GPU (physx_cuda)."""
 
@@ -406,3 +484,27 @@ class _Batched(_ManiSkillHandle):
     def render(self, index: int) -> np.ndarray:
         return _to_numpy(self.env.render())[index].astype(np.uint8)
 
+    def copy_starts(self, sources: np.ndarray) -> Obs:
+        """Right after a reset, every env i restarts from env ``sources[i]``'s state; returns
+        every env's new observation.
+
+        One reset of all envs with ``reset_to_env_states``: ManiSkill writes row i of the given
+        state dict into env i (through its reset mask), resets the controllers and reads the
+        observations again. Sources restart from their own rows too, so every env of a group has
+        gone through the same state write (see envs/sim.py).
+        """
+        import torch
+
+        sources, _ = copy_sources(sources, self.base.num_envs)
+        device = self.base.device
+        states = _select_rows(self.base.get_state_dict(), torch.as_tensor(sources, device=device))
+        raw, _ = self.env.reset(options={"env_idx": torch.arange(len(sources), device=device),
+                                         "reset_to_env_states": {"env_states": states}})
+        return self._obs(raw)
+
+
+def _select_rows(tree: Any, rows: Any) -> Any:
+    """``tree`` (nested dict of [N, ...] tensors, a ManiSkill state dict) at ``rows``."""
+    if isinstance(tree, dict):
+        return {key: _select_rows(value, rows) for key, value in tree.items()}
+    return tree[rows]

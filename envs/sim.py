@@ -13,7 +13,14 @@ A backend has ``observation_space`` (single, contract keys), ``action_space`` (s
 ``max_episode_steps`` and the methods ``reset(seeds) -> obs``, ``reset_rows(mask) -> obs`` (a
 new episode on the masked rows, each continuing its own RNG), ``step(actions) -> (obs, reward,
 terminated, truncated, success)``, ``render(index)``, ``snapshot()``, ``restore(snap)`` and
-``close()``.
+``close()``; backends of envs that copy group start states (``VectorEnv.reset_groups``) also
+have ``copy_starts(sources) -> obs``: right after a reset, every env i restarts from the state
+of env ``sources[i]`` (a source from its own), and the new observations of all envs come back.
+Sources restart too because setting a state is not bit-for-bit the path a reset takes (PhysX
+keeps solver data outside the state): envs that all went through the same ``set_state`` step
+identically, a source that kept its reset would drift from its copies at float precision. On the
+CPU backends the sources' ``snapshot()`` goes, through this process (a source and its copies may
+live in different subprocesses), to ``start_from(snap) -> obs`` of every env.
 """
 
 from __future__ import annotations
@@ -32,6 +39,29 @@ from rlplat.envs.base import Obs, Seed, VectorEnv
 
 VECTOR_MODES = ("async", "sync")
 _INSTRUCTION_MAX_CHARS = 256
+
+
+def stack_obs(rows: Sequence[Obs]) -> Obs:
+    """Single-env observations -> one batched observation (a new leading dim)."""
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+
+def copy_sources(sources: Sequence[int] | np.ndarray, num_envs: int) -> tuple[list[int], list[int]]:
+    """``copy_starts``'s ``sources`` as ints, and the distinct sources (ascending).
+
+    Raises:
+        ValueError: naming ``sources`` if it has the wrong length, or an env copied from takes
+            another env's state itself (the result would depend on the order of the copies).
+    """
+    sources = [int(i) for i in np.asarray(sources).reshape(-1)]
+    if len(sources) != num_envs or not all(0 <= i < num_envs for i in sources):
+        raise ValueError(f"sources: need one env index in [0, {num_envs}) per env, got {sources}")
+    leaders = sorted(set(sources))
+    chained = [i for i in leaders if sources[i] != i]
+    if chained:
+        raise ValueError(f"sources: envs {chained} are copied from but take another env's state themselves; "
+                         "point every env at an env that is its own source")
+    return sources, leaders
 
 
 def spaces_of(obs: Obs) -> spaces.Dict:
@@ -98,6 +128,18 @@ class ProcessVector:
         # gymnasium's call() passes the same arguments to every env; each needs its own snapshot.
         _call_each(self.vec, "restore", [(snap,) for snap in snaps])
 
+    def copy_starts(self, sources: Sequence[int] | np.ndarray) -> Obs:
+        """Right after a reset, env i restarts from env ``sources[i]``'s state (see the module
+        docstring); returns every env's new observation."""
+        sources, leaders = copy_sources(sources, self.vec.num_envs)
+        if isinstance(self.vec, gymnasium.vector.SyncVectorEnv):
+            snaps = {i: self.vec.envs[i].snapshot() for i in leaders}
+            rows = [env.start_from(snaps[i]) for env, i in zip(self.vec.envs, sources, strict=True)]
+        else:
+            snaps = dict(zip(leaders, _call_each(self.vec, "snapshot", {i: () for i in leaders}), strict=True))
+            rows = _call_each(self.vec, "start_from", [(snaps[i],) for i in sources])
+        return {k: np.array(v) for k, v in stack_obs(rows).items()}
+
     def close(self) -> None:
         self.vec.close()
 
@@ -141,23 +183,19 @@ class _EnvGroup(gymnasium.Env):
             self.envs.append(self._fns[len(self.envs)]())
         return self.envs
 
-    @staticmethod
-    def _stack(rows: list[Obs]) -> Obs:
-        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
-
     def reset_group(self, seeds: list[int]) -> Obs:
         self._last = [env.reset(seed=int(seed))[0] for env, seed in zip(self._all(), seeds, strict=True)]
-        return self._stack(self._last)
+        return stack_obs(self._last)
 
     def reset_rows_group(self, mask: np.ndarray) -> Obs:
         for i in np.flatnonzero(mask):
             self._last[i] = self.envs[i].reset()[0]
-        return self._stack(self._last)
+        return stack_obs(self._last)
 
     def step_group(self, actions: np.ndarray) -> tuple[Obs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         out = [env.step(action) for env, action in zip(self.envs, actions, strict=True)]
         self._last = [o[0] for o in out]
-        return (self._stack(self._last), np.array([o[1] for o in out], np.float64), np.array([o[2] for o in out], bool),
+        return (stack_obs(self._last), np.array([o[1] for o in out], np.float64), np.array([o[2] for o in out], bool),
                 np.array([o[3] for o in out], bool), np.array([bool(o[4].get("success", False)) for o in out]))
 
     def render_env(self, index: int) -> np.ndarray:
@@ -169,6 +207,11 @@ class _EnvGroup(gymnasium.Env):
     def restore_group(self, snaps: list[dict[str, Any]]) -> None:
         for env, snap in zip(self._all(), snaps, strict=True):
             env.restore(snap)
+
+    def start_from_group(self, snaps: list[dict[str, Any]]) -> Obs:
+        """``start_from(snaps[i])`` on every env i of this group; their observations."""
+        self._last = [env.start_from(snap) for env, snap in zip(self._all(), snaps, strict=True)]
+        return stack_obs(self._last)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
         raise NotImplementedError("an env group resets through reset_group")
@@ -231,6 +274,15 @@ class GroupedProcessVector:
 
     def restore(self, snaps: list[dict[str, Any]]) -> None:
         _call_each(self.vec, "restore_group", [(snaps[sl],) for sl in self.slices])
+
+    def copy_starts(self, sources: Sequence[int] | np.ndarray) -> Obs:
+        """As ``ProcessVector.copy_starts``; a source and its copies may sit in different
+        subprocesses, so the sources' snapshots come here and go out to the copies' groups."""
+        sources, leaders = copy_sources(sources, self.slices[-1].stop)
+        groups = sorted({self._group_of(i)[0] for i in leaders})
+        by_group = dict(zip(groups, _call_each(self.vec, "snapshot_group", {g: () for g in groups}), strict=True))
+        snaps = [by_group[g][inner] for g, inner in map(self._group_of, sources)]
+        return self._concat(_call_each(self.vec, "start_from_group", [(snaps[sl],) for sl in self.slices]))
 
     def close(self) -> None:
         self.vec.close()

@@ -1,7 +1,9 @@
 """GRPO (Shao et al. 2024) for embodied episodes: group-relative outcome advantages, no critic.
 
-Every iteration starts ``num_envs / group_size`` groups of envs; the envs of a group share one
-seed, so they start from the same initial state and differ only by the policy's sampling. Each
+Every iteration starts ``num_envs / group_size`` groups of envs; the envs of a group start from
+their leader's state (``VectorEnv.reset_groups``: the same seed where that suffices, a copy of the
+simulator state where it does not, as on ManiSkill's batched GPU path), so they differ only by
+the policy's sampling. Each
 env's first episode is scored (return or success), scores are normalised within the group, and
 that advantage is applied to every step of the episode under the PPO-clip surrogate.
 """
@@ -60,6 +62,16 @@ class GRPO(Algorithm):
             raise BatchArithmeticError(
                 f"env.num_envs={num_envs} must be a multiple of algo.group_size={group_size} "
                 f"(>= 2): each group of envs shares one initial state"
+            )
+        # Env workers hold contiguous shards and copy a leader's start state only inside their
+        # own shard (EnvWorker.reset), so a group must not span two shards.
+        if num_envs % num_env_workers == 0 and (num_envs // num_env_workers) % group_size:
+            step = num_env_workers * group_size
+            raise BatchArithmeticError(
+                f"env.num_envs={num_envs} over {num_env_workers} env workers (placement.roles.env x "
+                f"placement.pipeline_stages) gives shards of {num_envs // num_env_workers} envs, not a multiple of "
+                f"algo.group_size={group_size}: a group would span two shards and could not share its start "
+                f"state; use env.num_envs={step * max(1, num_envs // step)} (a multiple of {step})"
             )
         super().check(num_envs, max_episode_steps, num_env_workers, num_actor_workers)
 

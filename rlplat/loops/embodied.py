@@ -145,7 +145,9 @@ class EmbodiedLoop:
         """Runs ``num_steps`` env steps on every env; returns the time-major rollout batch."""
         if self.algo.episodic or self.obs is None:
             seeds = self.algo.reset_seeds(self.num_envs, self.rng) or self._fresh_seeds()
-            self.obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}))
+            # Episodic algorithms with groups (GRPO) need each group to start from one state.
+            group_size = self.algo.cfg.get("group_size") if self.algo.episodic else None
+            self.obs = self.envs.reset(Batch({"seed": torch.tensor(seeds)}), group_size=group_size)
         records, ended = [], torch.zeros(self.num_envs, dtype=torch.bool)
         returns, lengths, successes = [], [], []
         self._waits = {"act": 0.0, "env": 0.0}

@@ -106,9 +106,17 @@ class EnvWorker(Worker):
         }
 
     @register(Dispatch.SHARD_BY_BATCH)
-    def reset(self, seeds: Batch, split: str = "train") -> Batch:
-        """Resets every env of ``split`` with one seed per env (``seeds["seed"]``)."""
-        obs, _ = self.envs[split].reset(seed=[int(s) for s in seeds["seed"]])
+    def reset(self, seeds: Batch, split: str = "train", group_size: int | None = None) -> Batch:
+        """Resets every env of ``split`` with one seed per env (``seeds["seed"]``).
+
+        ``group_size``: blocks of that many consecutive envs start from their first env's state
+        (``VectorEnv.reset_groups``; GRPO's groups), whatever the simulator does with equal
+        seeds. Shards are contiguous and hold whole groups (``GRPO.check``), so the blocks of
+        this shard are groups of the whole run.
+        """
+        seed = [int(s) for s in seeds["seed"]]
+        env = self.envs[split]
+        obs, _ = env.reset(seed=seed) if group_size is None else env.reset_groups(seed=seed, group_size=group_size)
         return Batch.from_numpy_dict(obs)
 
     @register(Dispatch.SHARD_BY_BATCH)
@@ -253,13 +261,15 @@ class EnvStages:
     def spec(self) -> dict[str, Any]:
         return self.groups[0].spec()
 
-    def _all(self, method: str, batch: Batch, split: str) -> Batch:
-        calls = [g.call_async(method, piece, split=split) for g, piece in zip(self.groups, batch.chunk(self.stages))]
+    def _all(self, method: str, batch: Batch, split: str, **kwargs: Any) -> Batch:
+        calls = [g.call_async(method, piece, split=split, **kwargs)
+                 for g, piece in zip(self.groups, batch.chunk(self.stages))]
         return Batch.concat([c.get() for c in calls])
 
-    def reset(self, seeds: Batch, split: str = "train") -> Batch:
-        """Resets every stage (``seeds`` rows in global env order)."""
-        return self._all("reset", seeds, split)
+    def reset(self, seeds: Batch, split: str = "train", group_size: int | None = None) -> Batch:
+        """Resets every stage (``seeds`` rows in global env order); ``group_size`` as for
+        ``EnvWorker.reset`` (every shard of every stage holds whole groups: ``GRPO.check``)."""
+        return self._all("reset", seeds, split, group_size=group_size)
 
     def step(self, actions: Batch, split: str = "train") -> Batch:
         """Steps every stage at once."""

@@ -84,6 +84,11 @@ def test_group_arithmetic_errors():
     make_grpo(group_size=2, num_minibatches=3).check(4, None, 1, 1)
     with pytest.raises(BatchArithmeticError, match=r"rollout_steps=50 = 200 rows.*num_minibatches=3"):
         make_grpo(group_size=2, num_minibatches=3).check(4, 50, 1, 1)
+    # Env workers hold contiguous shards: 8 envs over 4 workers are shards of 2, which split groups of 4.
+    with pytest.raises(BatchArithmeticError, match=r"env.num_envs=8 over 4 env workers .* shards of 2 envs, not a "
+                       r"multiple of algo.group_size=4.*use env.num_envs=16"):
+        make_grpo(group_size=4).check(8, 8, 4, 1)
+    make_grpo(group_size=4).check(16, 8, 4, 1)
     with pytest.raises(ValueError, match="algo.outcome"):
         make_grpo(outcome="reward")
     with pytest.raises(ValueError, match="algo.kl_kind"):

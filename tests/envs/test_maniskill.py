@@ -102,6 +102,94 @@ def test_async_and_grouped_vectors_match_sync():
             np.testing.assert_array_equal(value, runs[other][key], err_msg=f"{other} {key}")
 
 
+def _goal(env: ManiSkillEnv, index: int) -> np.ndarray:
+    """The task's goal marker position in env ``index`` of a sync vector (not from the obs)."""
+    base = env._sim.vec.envs[index].base
+    return (base.goal_site if hasattr(base, "goal_site") else base.goal_region).pose.p.numpy()
+
+
+@pytest.mark.parametrize("task", ["PushCube-v1", "PickCube-v1"])
+@pytest.mark.parametrize("vector, per_process", [("sync", 1), ("async", 2)])
+def test_reset_groups_copies_the_leaders_state(task, vector, per_process):
+    # Different seeds per env; groups {0, 1} and {2, 3}. With two envs per subprocess env 1
+    # shares its leader's process; episodes of 6 steps, so the 8 steps cross an auto-reset.
+    env = ManiSkillEnv(num_envs=4, **{**SMALL, "task": task, "vector": vector, "envs_per_process": per_process})
+    try:
+        seeds = [30, 31, 32, 33]
+        plain = env.reset(seed=seeds)[0]
+        leaders = [0, 0, 2, 2]
+        assert not np.array_equal(plain["state"][0], plain["state"][1])  # without the copy they differ
+        assert not np.array_equal(plain["state"][2], plain["state"][3])
+        obs = env.reset_groups(seed=seeds, group_size=2)[0]
+        for key in ("state", "proprio"):
+            # Leaders keep their own start; they too restart from their state (so the group steps
+            # bit for bit alike), whose link poses PhysX recomputes to the last float32 bit.
+            np.testing.assert_allclose(obs[key][[0, 2]], plain[key][[0, 2]], rtol=0, atol=1e-6, err_msg=key)
+            np.testing.assert_array_equal(obs[key], obs[key][leaders], err_msg=key)
+        if vector == "sync":  # the goal marker itself, not only its copy in the observation
+            np.testing.assert_array_equal(_goal(env, 1), _goal(env, 0))
+            assert not np.array_equal(_goal(env, 2), _goal(env, 0))
+        # Equal actions within a group: equal steps, bit for bit, and equal episodes after the
+        # auto-reset (the leader's RNGs were copied too).
+        ends = []
+        for t, action in enumerate(_actions(2, 8, seed=3).repeat(2, axis=1)):
+            obs, reward, terminated, truncated, info = env.step(action)
+            for name, value in (("state", obs["state"]), ("reward", reward), ("truncated", truncated),
+                                ("final", info["final_obs"]["state"])):
+                np.testing.assert_array_equal(value, value[leaders], err_msg=f"step {t} {name}")
+            ends.append(info["done"].all())
+        assert ends[5]  # the auto-reset happened inside the run
+    finally:
+        env.close()
+
+
+def test_reset_groups_outside_the_copyable_tasks(monkeypatch):
+    import rlplat.envs.maniskill as maniskill
+
+    env = ManiSkillEnv(num_envs=4, **SMALL)
+    try:
+        monkeypatch.setattr(maniskill, "GROUP_COPY_TASKS", frozenset())
+        # CPU: one scene per env, so members reset with their leader's seed start like it.
+        obs = env.reset_groups(seed=[40, 41, 42, 43], group_size=2)[0]
+        np.testing.assert_array_equal(obs["state"], env.reset(seed=[40, 40, 42, 42])[0]["state"])
+        # GPU: a batched reset draws all scenes from one stream and the state copy could miss the
+        # task's own randomisation, so it is refused, naming the task and what to do.
+        monkeypatch.setattr(env, "sim_backend", "physx_cuda")
+        with pytest.raises(ValueError, match="task: 'PushCube-v1' is not in envs/maniskill.py GROUP_COPY_TASKS.*"
+                                             "env.sim_backend=physx_cpu"):
+            env.reset_groups(seed=0, group_size=2)
+    finally:
+        env.close()
+
+
+def test_gpu_path_restarts_every_env_from_its_leaders_state_rows():
+    # No GPU here: a stand-in for the batched ManiSkill env checks what _Batched hands ManiSkill.
+    from types import SimpleNamespace
+
+    from rlplat.envs.maniskill import _Batched
+
+    state = {"actors": {"cube": torch.arange(4.0)[:, None].repeat(1, 13)},
+             "articulations": {"panda": 10 + torch.arange(4.0)[:, None].repeat(1, 31)}}
+    calls = []
+
+    def reset(options):
+        calls.append(options)
+        return options["reset_to_env_states"]["env_states"]["actors"]["cube"], {}
+
+    agent = SimpleNamespace(get_proprioception=lambda: torch.zeros(4, 2))
+    batched = object.__new__(_Batched)
+    batched.base = SimpleNamespace(num_envs=4, device="cpu", get_state_dict=lambda: state, agent=agent)
+    batched.env = SimpleNamespace(reset=lambda options: reset(options))
+    batched.cameras, batched.depth = {}, False
+    obs = batched.copy_starts(np.array([0, 0, 2, 2]))
+    (options,) = calls
+    assert options["env_idx"].tolist() == [0, 1, 2, 3]  # leaders restart too: one path for the group
+    sent = options["reset_to_env_states"]["env_states"]
+    assert sent["actors"]["cube"][:, 0].tolist() == [0, 0, 2, 2]
+    assert sent["articulations"]["panda"][:, 0].tolist() == [10, 10, 12, 12]
+    np.testing.assert_array_equal(obs["state"][:, 0], [0, 0, 2, 2])
+
+
 def test_envs_per_process_must_be_positive():
     with pytest.raises(ValueError, match="envs_per_process: must be an int >= 1, got 0"):
         ManiSkillEnv(num_envs=2, **{**SMALL, "vector": "async", "envs_per_process": 0})
@@ -211,21 +299,28 @@ def test_ppo_runs_through_the_platform(ray_local, tmp_path, policy, obs_mode):
     assert (tmp_path / "media/episode.gif").stat().st_size > 0
 
 
-def test_ppo_preset_runs_its_rollouts_in_the_env_worker(ray_local, tmp_path):
-    # experiment=maniskill_pushcube_ppo_mlp (placement.rollout_in_env=true), cut to 2 iterations.
+@pytest.mark.parametrize("preset, task", [("maniskill_pushcube_ppo_mlp", "PushCube-v1"),
+                                          ("maniskill_pickcube_ppo_mlp", "PickCube-v1")])
+def test_ppo_presets_run_their_rollouts_in_the_env_worker(ray_local, tmp_path, preset, task):
+    # The PPO presets (placement.rollout_in_env=true), cut to 2 iterations.
     from rlplat.config import compose
     from rlplat.logging import read_metrics
     from rlplat.train import run
 
     cfg = compose([
-        "experiment=maniskill_pushcube_ppo_mlp", "env.num_envs=4", "env.envs_per_process=2", "env.max_episode_steps=8",
+        f"experiment={preset}", "env.num_envs=4", "env.envs_per_process=2", "env.max_episode_steps=8",
         "algo.rollout_steps=8", "algo.num_minibatches=2", "trainer.total_steps=2", "trainer.eval_every=2",
         "trainer.eval_episodes=2", "trainer.checkpoint_every=2", "trainer.save_video=false", "logger.progress_bar=false",
     ])
-    assert cfg.placement.rollout_in_env
+    # PickCube takes PushCube's PPO settings; only the task (with state observations) differs.
+    assert cfg.env.task == task and cfg.env.obs_mode == "state" and cfg.algo.bootstrap_at_done == "always"
+    assert cfg.placement.rollout_in_env and cfg.trainer.eval_ignore_terminations
     run(cfg, tmp_path)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["env_steps"] for r in rows] == [32, 64]
     assert all(r["perf/rollout_act_s"] > 0 and np.isfinite(r["train/value_loss"]) for r in rows)
-    assert 0.0 <= rows[-1]["eval/success_rate"] <= 1.0
+    # Evaluation episodes run to the limit: 8 steps each, and success at the end never exceeds success at any step.
+    assert rows[-1]["eval/episode_length"] == 8.0
+    assert 0.0 <= rows[-1]["eval/success_at_end"] <= rows[-1]["eval/success_once"] <= 1.0
+    assert all(r["train/explained_variance"] <= 1.0 or np.isnan(r["train/explained_variance"]) for r in rows)
     assert (tmp_path / "checkpoints/step_2/trainer_state.pt").exists()

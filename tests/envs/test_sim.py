@@ -10,7 +10,8 @@ from rlplat.envs.sim import GroupedProcessVector, ProcessVector
 
 
 class CounterEnv(gymnasium.Env):
-    """obs = [index, steps]; render draws the index; render of index ``broken`` fails."""
+    """obs = [index, steps]; reset(seed) starts the count at the seed; render draws the index;
+    render of index ``broken`` fails."""
 
     max_episode_steps = 5
 
@@ -23,7 +24,7 @@ class CounterEnv(gymnasium.Env):
         return {"state": np.array([self.index, self.steps], np.float32)}
 
     def reset(self, *, seed=None, options=None):
-        self.steps = 0
+        self.steps = int(seed or 0)
         return self._obs(), {}
 
     def step(self, action):
@@ -40,6 +41,10 @@ class CounterEnv(gymnasium.Env):
 
     def restore(self, snap):
         self.steps = snap["steps"]
+
+    def start_from(self, snap):
+        self.restore(snap)
+        return self._obs()
 
 
 def fns(n, broken=-1):
@@ -70,5 +75,25 @@ def test_a_failing_env_in_one_group_raises_its_error():
         # Only env 2's group is asked; its error comes back instead of a hang or a wrong frame.
         with pytest.raises(ValueError, match="env 2 cannot render"):
             vec.render(2)
+    finally:
+        vec.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async", "grouped"])
+def test_copy_starts_gives_every_env_its_sources_state(kind):
+    # Groups of the vector: [0, 1] and [2, 3] per subprocess when grouped; env 2 copies env 0,
+    # which lives in the other subprocess.
+    vec = {"sync": lambda: ProcessVector(fns(4), "sync", None), "async": lambda: ProcessVector(fns(4), "async", "fork"),
+           "grouped": lambda: GroupedProcessVector(fns(4), 2, "fork")}[kind]()
+    try:
+        vec.reset([10, 11, 12, 13])
+        obs = vec.copy_starts([0, 0, 0, 3])
+        np.testing.assert_array_equal(obs["state"], [[0, 10], [1, 10], [2, 10], [3, 13]])
+        obs = vec.step(np.zeros((4, 1), np.float32))[0]
+        np.testing.assert_array_equal(obs["state"][:, 1], [11, 11, 11, 14])
+        with pytest.raises(ValueError, match=r"sources: envs \[1\] are copied from but take another env's state"):
+            vec.copy_starts([1, 2, 2, 3])
+        with pytest.raises(ValueError, match="sources: need one env index in"):
+            vec.copy_starts([0, 0, 4, 3])
     finally:
         vec.close()

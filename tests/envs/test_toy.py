@@ -164,6 +164,27 @@ def test_repeated_seed_list_gives_identical_groups() -> None:
     np.testing.assert_array_equal(obs["image"][2], ref["image"][0])
 
 
+def test_reset_groups_default_gives_members_their_leaders_seed() -> None:
+    # The VectorEnv default: the toy's start state is a function of the seed, so members reset
+    # with their leader's seed start (and, with equal actions, stay) exactly like it.
+    env = ToyReachEnv(num_envs=6, obs_mode="state+rgb", image_size=16, max_episode_steps=5)
+    seeds = [20, 21, 22, 23, 24, 25]
+    plain, _ = env.reset(seed=seeds)
+    assert not np.array_equal(plain["state"][0], plain["state"][1])  # without groups they differ
+    obs, _ = env.reset_groups(seed=seeds, group_size=3)
+    for key in ("state", "image", "instruction"):
+        np.testing.assert_array_equal(obs[key][[0, 3]], plain[key][[0, 3]], err_msg=key)  # leaders keep theirs
+        np.testing.assert_array_equal(obs[key], obs[key][[0, 0, 0, 3, 3, 3]], err_msg=key)
+    # Equal actions within a group: equal trajectories, across the auto-reset at step 5 too.
+    actions = np.random.default_rng(0).uniform(-1, 1, (8, 2, 2)).repeat(3, axis=1)
+    for action in actions:
+        obs, reward, *_ = env.step(action)
+        np.testing.assert_array_equal(obs["state"], obs["state"][[0, 0, 0, 3, 3, 3]])
+        np.testing.assert_array_equal(reward, reward[[0, 0, 0, 3, 3, 3]])
+    with pytest.raises(ValueError, match="group_size: must be an int >= 1 that divides num_envs=6"):
+        env.reset_groups(seed=seeds, group_size=4)
+
+
 def test_reset_without_seed_continues_generators() -> None:
     env = ToyReachEnv(num_envs=4)
     first, _ = env.reset(seed=1)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from rlplat.batch import Batch
@@ -51,3 +52,29 @@ def test_eval_split_is_separate_and_sized():
     assert len(obs) == 3
     assert w.spec()["max_episode_steps"] == 20
     assert w.render("eval", 0).shape[-1] == 3
+
+
+def test_reset_with_group_size_starts_each_group_like_its_leader():
+    # Distinct seeds per env, as a controller might send; two shards of 4 hold two groups of 2 each.
+    seeds = Batch({"seed": torch.arange(200, 208)})
+    shards = [_worker(r, 2) for r in range(2)]
+    plain = Batch.concat([w.reset(s) for w, s in zip(shards, seeds.chunk(2))])
+    assert not torch.equal(plain["state"][0], plain["state"][1])
+    grouped = Batch.concat([w.reset(s, group_size=2) for w, s in zip(shards, seeds.chunk(2))])
+    leaders = torch.tensor([0, 0, 2, 2, 4, 4, 6, 6])
+    torch.testing.assert_close(grouped["state"], plain["state"][leaders], rtol=0, atol=0)
+    assert list(grouped["instruction"]) == [plain["instruction"][i] for i in leaders.tolist()]
+    # One worker over all 8 envs gives the same groups: a group never depends on the sharding.
+    torch.testing.assert_close(_worker(0, 1).reset(seeds, group_size=2)["state"], grouped["state"], rtol=0, atol=0)
+    # Equal actions within each group keep the group together.
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        per_group = torch.as_tensor(rng.uniform(-1, 1, (4, 2)), dtype=torch.float32)
+        actions = Batch({"actions": per_group.repeat_interleave(2, 0)})
+        out = Batch.concat([w.step(a) for w, a in zip(shards, actions.chunk(2))])
+        torch.testing.assert_close(out["state"], out["state"][leaders], rtol=0, atol=0)
+
+
+def test_reset_with_a_group_spanning_the_shard_names_group_size():
+    with pytest.raises(ValueError, match="group_size: must be an int >= 1 that divides num_envs=4"):
+        _worker(0, 2).reset(Batch({"seed": torch.arange(4)}), group_size=3)
