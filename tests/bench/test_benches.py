@@ -195,3 +195,15 @@ def test_rollout_bench_measures_all_four_on_the_toy_env(tmp_path: Path, monkeypa
     assert seq["act_ms"] > 0 and seq["env_ms"] > 0
     assert seq["act_ms"] + seq["env_ms"] <= 1e3 * 2 / seq["steps_per_s"] * 1.01  # 2 envs per step
     assert vla["overlap_bound"] == pytest.approx((seq["act_ms"] + seq["env_ms"]) / max(seq["act_ms"], seq["env_ms"]))
+
+
+def test_recompute_logprobs_bench_reports_both_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "recompute.json"
+    run_main(load_script("recompute_logprobs"), ["--num-envs", "2", "--steps", "2", "--minibatches", "2",
+                                                 "--out", str(out)], monkeypatch)
+    rows = {r["dtype"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"float32", "bfloat16"}
+    for row in rows.values():
+        assert row["rows"] == 4
+        # Re-scored with the training weights, the first ratio is exactly 1.
+        assert row["ratio_dev_first_on"] == 0.0 and row["ratio_dev_first_off"] >= 0.0
