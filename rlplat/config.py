@@ -366,7 +366,7 @@ class PPOConfig:
     # Iterations at the start that train only the value loss (a fresh critic on a warm policy).
     critic_warmup_steps: int = 0
     # Re-score the rollout's log-probs with the training weights before the update, so the
-    # first ratio is exactly 1 (null: on when the policy's weights are bf16 or fp16).
+    # first ratio is 1 up to float rounding (null: on when the weights are bf16 or fp16).
     recompute_old_logprobs: bool | None = None
     # Optimizer.
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -403,7 +403,7 @@ class GRPOConfig:
     # Stop the epoch loop once approx KL exceeds this (null: never).
     target_kl: float | None = None
     # Re-score the rollout's log-probs with the training weights before the update, so the
-    # first ratio is exactly 1 (null: on when the policy's weights are bf16 or fp16).
+    # first ratio is 1 up to float rounding (null: on when the weights are bf16 or fp16).
     recompute_old_logprobs: bool | None = None
     # Optimizer.
     optim: OptimConfig = field(default_factory=OptimConfig)

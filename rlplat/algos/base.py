@@ -131,8 +131,9 @@ class Algorithm(abc.ABC):
 
         With ``algo.recompute_old_logprobs`` (null: on for bf16/fp16 weights) the rollout's
         log-probs are first re-scored with the training weights in training mode (verl's
-        choice), so the first ratio is exactly 1 instead of carrying the rollout path's rounding
-        (KV-cached decoding, low-precision matmuls of another batch shape). Either way
+        choice), so the first ratio is 1 up to the rounding of another minibatch composition
+        instead of carrying the rollout path's (KV-cached decoding, low-precision matmuls of
+        another batch shape). Either way
         ``train/ratio_dev_first`` reports mean |ratio - 1| on the first minibatch, before any step.
         """
         self.iteration = iteration

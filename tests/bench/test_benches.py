@@ -206,5 +206,6 @@ def test_recompute_logprobs_bench_reports_both_settings(tmp_path: Path, monkeypa
     assert set(rows) == {"float32", "bfloat16"}
     for row in rows.values():
         assert row["rows"] == 4
-        # Re-scored with the training weights, the first ratio is exactly 1.
-        assert row["ratio_dev_first_on"] == 0.0 and row["ratio_dev_first_off"] >= 0.0
+        # Re-scored with the training weights, the first ratio is 1 up to the float rounding of
+        # another minibatch composition.
+        assert 0.0 <= row["ratio_dev_first_on"] < 1e-6 and row["ratio_dev_first_off"] >= 0.0
