@@ -99,3 +99,40 @@ def test_recompute_old_logprobs_defaults_on_for_low_precision_weights():
     assert not ppo.recomputes_old_logprobs(policy)
     assert ppo.recomputes_old_logprobs(policy.to(torch.bfloat16))
     assert not make_ppo(recompute_old_logprobs=False).recomputes_old_logprobs(policy)
+
+
+def _grpo_batch(policy: ActorCritic, rows: int, valid: int) -> Batch:
+    batch = rollout_batch(policy, rows)
+    batch["mask"] = torch.arange(rows) < valid
+    return batch
+
+
+def test_grpo_update_leaves_rows_outside_the_mask_out_of_every_pass():
+    from rlplat.algos.grpo import GRPO
+    from rlplat.config import GRPOConfig
+
+    cfg = asdict(GRPOConfig())
+    cfg.pop("_target_")
+    cfg.update(num_minibatches=3, update_epochs=2, target_kl=None)
+    torch.manual_seed(0)
+    policy = ActorCritic(OBS_SPACE, ACTION_SPACE, hidden_sizes=(16,))
+    twin = ActorCritic(OBS_SPACE, ACTION_SPACE, hidden_sizes=(16,))
+    twin.load_state_dict(policy.state_dict())
+    batch = _grpo_batch(policy, rows=32, valid=10)
+    seen: list[int] = []
+    evaluate = policy.evaluate
+    policy.evaluate = lambda mb, actions, extras=None: (seen.append(len(mb)), evaluate(mb, actions, extras))[1]
+    metrics = GRPO(**cfg).update(policy, torch.optim.Adam(policy.parameters(), lr=1e-2), batch,
+                                 torch.Generator().manual_seed(0))
+    # 10 masked rows in 3 minibatches of 4, 3, 3, twice: the 22 others never reach the model.
+    assert seen == [4, 3, 3, 4, 3, 3] and metrics["train/minibatches"] == 6.0
+    # Same steps as an update on the masked rows alone.
+    GRPO(**cfg).update(twin, torch.optim.Adam(twin.parameters(), lr=1e-2), batch[batch["mask"]],
+                       torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(params(policy), params(twin)))
+
+    # Fewer masked rows than minibatches: the whole batch stays (equal minibatches, masked loss).
+    seen.clear()
+    GRPO(**cfg).update(policy, torch.optim.Adam(policy.parameters(), lr=1e-2), _grpo_batch(policy, rows=30, valid=2),
+                       torch.Generator().manual_seed(0))
+    assert seen == [10] * 6
