@@ -47,11 +47,19 @@ def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
             if r.get("eval/success_rate") is not None]
 
 
+def train_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Per iteration: the rollouts' own success (sampled at policy.temperature, beside the greedy
+    evaluation) and the policy's entropy per action dimension (nats; log 256 = 5.5 is uniform)."""
+    rows = [r for r in read_metrics(run_dir / METRICS_FILE) if r["step"] > 0]
+    return {key: [r.get(f"train/{key}") for r in rows] for key in ("success_rate", "entropy", "approx_kl")}
+
+
 def run_one(overrides: list[str], run_dir: Path) -> dict:
     cfg = compose([*COMMON, *overrides])
     t0 = time.perf_counter()
     final = run(cfg, run_dir)
     return {"final_success": float(final["eval/success_rate"]), "curve": eval_curve(run_dir),
+            "train": train_curves(run_dir), "env_steps": eval_curve(run_dir)[-1][0],
             "wall_s": time.perf_counter() - t0, "run_dir": str(run_dir)}
 
 
@@ -91,7 +99,7 @@ def main() -> None:
 
     s0 = np.array([r["final_success"] for r in runs if r["algo"] == "sft"])
     summary = {"sft": {"S0_mean": float(s0.mean()), "S0_std": float(s0.std()), "values": s0.tolist()}}
-    print(f"\n{'algo':<6} {'before (S0)':>16} {'after RL':>16} {'gain':>16} {'wall s/run':>11}")
+    print(f"\n{'algo':<6} {'before (S0)':>16} {'after RL':>16} {'gain':>16} {'env steps':>10} {'wall s/run':>11}")
     for algo in args.algos:
         mine = [r for r in runs if r["algo"] == algo]
         before = np.array([r["before"] for r in mine])
@@ -99,9 +107,10 @@ def main() -> None:
         gain = after - before
         summary[algo] = {"before_mean": float(before.mean()), "after_mean": float(after.mean()),
                          "after_std": float(after.std()), "gain_mean": float(gain.mean()), "gain_std": float(gain.std()),
-                         "gains": gain.tolist(), "wall_s_mean": float(np.mean([r["wall_s"] for r in mine]))}
+                         "gains": gain.tolist(), "env_steps": mine[0]["env_steps"],
+                         "wall_s_mean": float(np.mean([r["wall_s"] for r in mine]))}
         print(f"{algo:<6} {before.mean():>9.3f} +- {before.std():.3f} {after.mean():>9.3f} +- {after.std():.3f} "
-              f"{gain.mean():>+9.3f} +- {gain.std():.3f} {summary[algo]['wall_s_mean']:>11.0f}")
+              f"{gain.mean():>+9.3f} +- {gain.std():.3f} {mine[0]['env_steps']:>10} {summary[algo]['wall_s_mean']:>11.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"settings": settings, "common": COMMON, "sft": SFT, "rl": RL,

@@ -388,6 +388,10 @@ class GRPOConfig:
     std_normalize: bool = True
     # Drop groups whose outcomes are all equal (they carry no signal).
     filter_uniform_groups: bool = True
+    # How the loss averages steps: step (every step the same; long, failed episodes outweigh
+    # short successes) or episode (each episode weighs the same, its steps 1/length: GRPO's
+    # per-sequence mean).
+    loss_weighting: str = "step"
     # Weight of the KL penalty to the reference policy (0: no reference kept).
     kl_coef: float = 0.0
     # KL estimator: k1, k2 or k3.

@@ -5,7 +5,9 @@ their leader's state (``VectorEnv.reset_groups``: the same seed where that suffi
 simulator state where it does not, as on ManiSkill's batched GPU path), so they differ only by
 the policy's sampling. Each
 env's first episode is scored (return or success), scores are normalised within the group, and
-that advantage is applied to every step of the episode under the PPO-clip surrogate.
+that advantage is applied to every step of the episode under the PPO-clip surrogate. The loss
+averages over steps (``algo.loss_weighting=step``) or gives every scored episode the same weight,
+its steps ``1 / length`` each (``episode``, GRPO's per-sequence mean).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
 
 _OUTCOMES = ("return", "success")
+_WEIGHTINGS = ("episode", "step")
 _KL_KINDS = ("k1", "k2", "k3")
 
 
@@ -43,6 +46,8 @@ class GRPO(Algorithm):
             raise ValueError(f"algo.outcome={cfg['outcome']!r} is not one of {_OUTCOMES}")
         if cfg["kl_kind"] not in _KL_KINDS:
             raise ValueError(f"algo.kl_kind={cfg['kl_kind']!r} is not one of {_KL_KINDS}")
+        if cfg["loss_weighting"] not in _WEIGHTINGS:
+            raise ValueError(f"algo.loss_weighting={cfg['loss_weighting']!r} is not one of {_WEIGHTINGS}")
 
     @property
     def needs_ref(self) -> bool:
@@ -94,13 +99,18 @@ class GRPO(Algorithm):
         mask = mask & keep.unsqueeze(0)
         batch["advantages"] = advantages.unsqueeze(0).expand(shape).reshape(-1)
         batch["mask"] = mask.reshape(-1)
+        if self.cfg["loss_weighting"] == "episode":
+            # Each scored episode weighs the same: its steps share 1 / its length.
+            length = mask.sum(0, keepdim=True).clamp(min=1).float()
+            batch["loss_weights"] = (mask / length).reshape(-1)
         batch.meta["valid_rows"] = int(mask.sum())
         batch.meta["kept_groups"] = int(keep.sum()) // group_size
         batch.meta["outcome_mean"] = float(outcome.mean())
         return batch
 
     def loss(self, mb: Batch, out: EvalOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = mb["mask"]
+        # Bool mask (step weighting) or per-step float weights (episode weighting).
+        mask = mb["loss_weights"] if "loss_weights" in mb else mb["mask"]
         pg_loss, metrics = ppo_policy_loss(out.logprobs, mb["logprobs"], mb["advantages"], self.cfg["clip_coef"], mask)
         entropy = entropy_bonus(out.entropy, mask)
         loss = pg_loss - self.cfg["ent_coef"] * entropy

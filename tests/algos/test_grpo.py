@@ -56,6 +56,25 @@ def test_compute_advantages_groups_first_episodes_and_filters_uniform_groups():
     assert out.meta["valid_rows"] == 3 and out.meta["kept_groups"] == 1
 
 
+def test_episode_weighting_gives_every_scored_episode_the_same_weight():
+    out = make_grpo(group_size=2, std_normalize=False, loss_weighting="episode").compute_advantages(
+        _rollout(), num_steps=2, num_envs=4)
+    # env 0's first episode is 1 step long, env 1's 2 steps; group 1 is filtered out.
+    assert out["loss_weights"].view(2, 4).tolist() == [[1.0, 0.5, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0]]
+    # The surrogate at ratio 1 is -mean over episodes of their advantage: -(0.5 - 0.5) / 2 = 0,
+    # where step weighting counts env 1's two steps twice: -(0.5 - 0.5 - 0.5) / 3.
+    grpo = make_grpo(loss_weighting="episode")
+    out["logprobs"] = torch.zeros(8)
+    model = EvalOutput(logprobs=torch.zeros(8), entropy=torch.zeros(8))
+    assert float(grpo.loss(out, model)[0]) == pytest.approx(0.0)
+    out.pop("loss_weights")
+    assert float(grpo.loss(out, model)[0]) == pytest.approx(0.5 / 3)
+    step = make_grpo(group_size=2, loss_weighting="step").compute_advantages(_rollout(), num_steps=2, num_envs=4)
+    assert "loss_weights" not in step
+    with pytest.raises(ValueError, match="loss_weighting"):
+        make_grpo(loss_weighting="token")
+
+
 def test_success_outcome():
     grpo = make_grpo(group_size=2, outcome="success", std_normalize=False, filter_uniform_groups=False)
     out = grpo.compute_advantages(_rollout(), num_steps=2, num_envs=4)
