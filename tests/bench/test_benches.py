@@ -209,3 +209,14 @@ def test_recompute_logprobs_bench_reports_both_settings(tmp_path: Path, monkeypa
         # Re-scored with the training weights, the first ratio is 1 up to the float rounding of
         # another minibatch composition.
         assert 0.0 <= row["ratio_dev_first_on"] < 1e-6 and row["ratio_dev_first_off"] >= 0.0
+
+
+def test_vla_decode_modes_bench_compares_greedy_and_sampled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "modes.json"
+    run_main(load_script("vla_decode_modes"), ["--episodes", "4", "--temperatures", "1.0", "--out", str(out)], monkeypatch)
+    rows = {r["decode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"greedy", "sampled T=1.0"}
+    for row in rows.values():
+        assert 0.0 <= row["success_at_end"] <= 1.0 and 0.0 <= row["success_once"] <= 1.0
+    # Greedy decoding repeats a few action bins; sampling at T=1 rarely draws the same pair twice.
+    assert rows["greedy"]["distinct_actions"] < rows["sampled T=1.0"]["distinct_actions"]
