@@ -360,26 +360,22 @@ class Batch:
         return self[torch.randperm(self.batch_size, generator=generator)]
 
     def minibatches(
-        self, num_minibatches: int, generator: torch.Generator | None = None, even: bool = True
+        self, num_minibatches: int, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        """Yield ``num_minibatches`` minibatches of a random permutation of the rows.
-
-        With ``even`` they are equal (the batch size must divide); without, they differ by at
-        most one row (the first ``B % num_minibatches`` get the extra one).
+        """Yield ``num_minibatches`` equal minibatches of a random permutation of the rows.
 
         Raises:
-            ValueError: ``even`` and the batch size is not divisible by ``num_minibatches``, or
-                fewer rows than minibatches.
+            ValueError: the batch size is not divisible by ``num_minibatches``.
         """
-        if num_minibatches < 1 or (self.batch_size % num_minibatches if even else self.batch_size < num_minibatches):
+        if num_minibatches < 1 or self.batch_size % num_minibatches:
             raise ValueError(
-                f"a batch of {self.batch_size} rows does not split into {num_minibatches} "
-                f"{'equal ' if even else ''}minibatches; choose a number of minibatches that "
-                f"{'divides' if even else 'is at most'} {self.batch_size}"
+                f"a batch of {self.batch_size} rows does not split into {num_minibatches} equal "
+                f"minibatches; choose a number of minibatches that divides {self.batch_size}"
             )
+        size = self.batch_size // num_minibatches
         perm = torch.randperm(self.batch_size, generator=generator)
-        for rows in torch.tensor_split(perm, num_minibatches):
-            yield self[rows]
+        for i in range(num_minibatches):
+            yield self[perm[i * size : (i + 1) * size]]
 
     # ------------------------------------------------------------------ devices, pickling
 

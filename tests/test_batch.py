@@ -231,18 +231,6 @@ def test_minibatches_cover_a_permutation_and_check_divisibility() -> None:
         next(make_batch(10).minibatches(3))
 
 
-def test_uneven_minibatches_differ_by_one_row_and_cover_every_row() -> None:
-    mbs = list(make_batch(10).minibatches(3, generator=torch.Generator().manual_seed(0), even=False))
-    assert [len(m) for m in mbs] == [4, 3, 3]
-    assert sorted(r for m in mbs for r in rows(m)) == list(range(10))
-    # Where the size divides, uneven mode gives exactly the even minibatches.
-    even = [rows(m) for m in make_batch(12).minibatches(3, generator=torch.Generator().manual_seed(1))]
-    uneven = [rows(m) for m in make_batch(12).minibatches(3, generator=torch.Generator().manual_seed(1), even=False)]
-    assert even == uneven
-    with pytest.raises(ValueError, match="is at most 2"):
-        next(make_batch(2).minibatches(3, even=False))
-
-
 def test_shuffle_is_a_permutation() -> None:
     b = make_batch(8)
     s = b.shuffle(torch.Generator().manual_seed(1))

@@ -53,10 +53,6 @@ class Algorithm(abc.ABC):
 
     #: Whether rollouts act with the env's scripted expert instead of the policy (SFT).
     uses_expert: ClassVar[bool] = False
-    #: Whether the loss reads only the rows of ``batch["mask"]``, so ``update`` may drop the
-    #: others before minibatching (GRPO scores each env's first episode: most rows of a
-    #: rollout that runs to the episode limit are outside it).
-    loss_reads_mask_only: ClassVar[bool] = False
 
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
@@ -141,25 +137,17 @@ class Algorithm(abc.ABC):
         ``train/ratio_dev_first`` reports mean |ratio - 1| on the first minibatch, before any step.
         """
         self.iteration = iteration
-        minibatches, even = self.cfg["num_minibatches"], True
-        if self.loss_reads_mask_only and "mask" in batch:
-            # Rows outside the mask add nothing to the loss: leave them out of the forward and
-            # backward passes. Minibatches then differ by at most a row; every rank still takes
-            # num_minibatches steps per epoch (a rank left with fewer rows keeps them all).
-            keep = batch["mask"].bool()
-            if int(keep.sum()) >= minibatches:
-                batch, even = batch[keep], False
         # Demonstrations (SFT) carry no behaviour log-probs: there is no ratio to check.
         has_old_logprobs = "logprobs" in batch
         if has_old_logprobs and self.recomputes_old_logprobs(policy):
-            rescore_old_logprobs(policy, batch, minibatches)
+            rescore_old_logprobs(policy, batch, self.cfg["num_minibatches"])
         sums: dict[str, float] = defaultdict(float)
         count, skipped, stop_kl, ratio_dev_first = 0, 0, None, None
         target_kl = self.cfg.get("target_kl")
         params = [p for p in policy.parameters() if p.requires_grad]
         planned = self.cfg["update_epochs"] * self.cfg["num_minibatches"]
         for _ in range(self.cfg["update_epochs"]):
-            for mb in batch.minibatches(minibatches, generator, even=even):
+            for mb in batch.minibatches(self.cfg["num_minibatches"], generator):
                 # The minibatch carries the rollout's extras (e.g. the VLA's action tokens).
                 out = policy.evaluate(mb, mb["actions"], mb)
                 if has_old_logprobs and ratio_dev_first is None:

@@ -38,7 +38,6 @@ class GRPO(Algorithm):
     needs_value = False
     episodic = True
     needs_final_values = False
-    loss_reads_mask_only = True
 
     def __init__(self, **cfg):
         super().__init__(**cfg)
