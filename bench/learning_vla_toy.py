@@ -58,9 +58,9 @@ def run_one(overrides: list[str], run_dir: Path) -> dict:
     cfg = compose([*COMMON, *overrides])
     t0 = time.perf_counter()
     final = run(cfg, run_dir)
-    return {"final_success": float(final["eval/success_rate"]), "curve": eval_curve(run_dir),
-            "train": train_curves(run_dir), "env_steps": eval_curve(run_dir)[-1][0],
-            "wall_s": time.perf_counter() - t0, "run_dir": str(run_dir)}
+    curve = eval_curve(run_dir)
+    return {"final_success": float(final["eval/success_rate"]), "curve": curve, "train": train_curves(run_dir),
+            "env_steps": curve[-1][0], "wall_s": time.perf_counter() - t0, "run_dir": str(run_dir)}
 
 
 def main() -> None:
