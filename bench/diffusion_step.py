@@ -55,8 +55,8 @@ def build_sd15_shaped(folder: Path) -> Path:
 
 def run_variant(args: argparse.Namespace) -> dict:
     """One variant, in this process: the numbers for the table."""
-    from rlplat.algos.d3po import d3po_step_loss, label_pairs, sample_pairs
-    from rlplat.envs.preference.proxy import JpegCompressibility
+    from rlplat.algos.d3po import d3po_step_loss, order_pairs
+    from rlplat.envs.preference.proxy import JpegCompressibility, preference_labels
     from rlplat.policies.diffusion.pipeline import TextToImagePolicy
 
     torch.set_num_threads(args.threads)
@@ -78,8 +78,13 @@ def run_variant(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize(device)
 
     t0 = time.perf_counter()
-    first, second = sample_pairs(policy, prompts, generator=torch.Generator().manual_seed(0))
-    pairs, _ = label_pairs(first, second, JpegCompressibility(), ties="random", rng=np.random.default_rng(0))
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn((len(prompts), *policy.latent_shape), generator=generator)
+    first, second = (policy.sample_trajectory(prompts, generator=generator, latents=x_T) for _ in range(2))
+    score = JpegCompressibility()
+    a_preferred, keep = preference_labels(score(first["images"].numpy(), prompts), score(second["images"].numpy(), prompts),
+                                          ties="random", rng=np.random.default_rng(0))
+    pairs = order_pairs(first, second, a_preferred, keep)
     sync()
     t_sample = time.perf_counter() - t0
     if device.type == "cuda":

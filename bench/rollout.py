@@ -9,7 +9,7 @@ Three measurements in one run, all in env steps per second (one env step = one e
    zero actions, as fast as the simulator goes, for each ``--noop-envs`` pair of ``env.num_envs``
    and ``env.envs_per_process`` (ManiSkill/LIBERO CPU: 1 = a subprocess per scene).
 2. **platform, no-op policy**: the same env config as an EnvWorker behind Ray, driven by
-   ``EmbodiedLoop.collect_rollout`` with ``policy=constant`` (zero actions) on the colocated
+   ``EnvCollector.collect_rollout`` with ``policy=constant`` (zero actions) on the colocated
    placement: the same reset + episode, plus Ray calls, Batch transfers and record assembly.
    ``overhead ratio`` = platform / raw (goal >= 0.9). The controller's waits per env step are
    split into ``act`` (the policy round trip) and ``env`` (the env worker round trip). For scale,
@@ -49,7 +49,7 @@ from omegaconf import OmegaConf
 
 from rlplat.batch import Batch
 from rlplat.config import compose
-from rlplat.loops.embodied import EmbodiedLoop
+from rlplat.loops.embodied import embodied_run
 from rlplat.runtime.cluster import ClusterConfig, ray_session
 
 ENVS = {
@@ -85,19 +85,19 @@ class RawRun:
 
 
 class PlatformRun:
-    """``EmbodiedLoop.collect_rollout`` on ``overrides``; ``once()``: one rollout, with the
+    """``EnvCollector.collect_rollout`` on ``overrides``; ``once()``: one rollout, with the
     controller's waits per env step in ms (``act_ms``, ``env_ms``)."""
 
     def __init__(self, overrides: list[str]) -> None:
-        self.loop = EmbodiedLoop(compose(overrides), Path(tempfile.mkdtemp(prefix="rlplat-bench-rollout-")))
+        self.loop = embodied_run(compose(overrides), Path(tempfile.mkdtemp(prefix="rlplat-bench-rollout-")))
 
     def once(self) -> dict[str, float]:
         loop = self.loop
         t0 = time.perf_counter()
-        _, metrics = loop.collect_rollout()
-        return {"steps_per_s": loop.num_envs * loop.num_steps / (time.perf_counter() - t0),
-                "act_ms": 1e3 * metrics["perf/rollout_act_s"] / loop.num_steps,
-                "env_ms": 1e3 * metrics["perf/rollout_env_s"] / loop.num_steps}
+        _, metrics = loop.collector.collect_rollout()
+        return {"steps_per_s": loop.collector.num_envs * loop.collector.num_steps / (time.perf_counter() - t0),
+                "act_ms": 1e3 * metrics["perf/rollout_act_s"] / loop.collector.num_steps,
+                "env_ms": 1e3 * metrics["perf/rollout_env_s"] / loop.collector.num_steps}
 
     def close(self) -> None:
         self.loop.shutdown()

@@ -57,6 +57,19 @@ def check_arg(ok: bool, name: str, message: str) -> None:
 Seed = int | Sequence[int] | np.ndarray | None
 
 
+def step_info(success: np.ndarray, done: np.ndarray, episode_return: np.ndarray, episode_length: np.ndarray,
+              final_obs: Obs) -> dict[str, Any]:
+    """The info dict of the contract for one step: the running return and length reported only
+    on rows whose episode ended (0 elsewhere)."""
+    return {
+        "success": success,
+        "done": done,
+        "episode_return": np.where(done, episode_return, 0.0).astype(np.float32),
+        "episode_length": np.where(done, episode_length, 0),
+        "final_obs": final_obs,
+    }
+
+
 def group_leaders(num_envs: int, group_size: int) -> np.ndarray:
     """The leader of every env's group: int64 [num_envs], env i -> ``i // group_size * group_size``.
 

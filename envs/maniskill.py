@@ -42,14 +42,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium
 import numpy as np
 
 from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg, group_leaders
-from rlplat.envs.sim import (GroupedProcessVector, ProcessVector, SimVectorEnv, copy_sources, process_vector,
-                             spaces_of)
+from rlplat.envs.sim import GroupedProcessVector, ProcessVector, SimVectorEnv, copy_sources, process_vector, spaces_of
+from rlplat.registry import register
 
 OBS_MODES = ("state", "rgb", "rgbd")
 REWARD_MODES = ("sparse", "dense", "normalized_dense")
@@ -312,6 +313,48 @@ def _single(cameras: dict[str, str], depth: bool, make_kwargs: dict[str, Any]) -
     return SingleManiSkill(cameras, depth, **make_kwargs)
 
 
+@dataclass
+class ManiSkillEnvConfig:
+    """Constructor arguments of envs/maniskill.py's ManiSkillEnv (see its docstring)."""
+
+    # Parallel training envs in total, split evenly over the env workers.
+    num_envs: int = 16
+    # A registered ManiSkill3 env id (PushCube-v1, PickCube-v1, StackCube-v1, ...).
+    task: str = "PushCube-v1"
+    # state, rgb or rgbd (state and proprio are always returned).
+    obs_mode: str = "state"
+    # ManiSkill controller (pd_ee_delta_pose, pd_joint_delta_pos, ...); null: the task's default.
+    control_mode: str | None = "pd_ee_delta_pose"
+    # sparse, dense or normalized_dense.
+    reward_mode: str = "normalized_dense"
+    # auto (physx_cuda with a GPU, else physx_cpu), physx_cpu or physx_cuda.
+    sim_backend: str = "auto"
+    # CPU path: async (subprocesses) or sync (all in the worker process).
+    vector: str = "async"
+    # CPU async path: scenes per subprocess, stepped in turn (1: a process per scene; a few
+    # processes of several scenes use a small CPU better and need a fraction of the memory).
+    envs_per_process: int = 1
+    # Camera side in pixels (rgb modes).
+    image_size: int = 128
+    # ManiSkill sensor behind the image key.
+    camera: str = "base_camera"
+    # Sensor behind wrist_image (e.g. hand_camera with robot_uids=panda_wristcam); null: none.
+    wrist_camera: str | None = None
+    # ManiSkill robot id; null: the task's default.
+    robot_uids: str | None = None
+    # Episode limit; null: the task's registered limit.
+    max_episode_steps: int | None = None
+    # Success does not end the episode (episodes always run max_episode_steps).
+    ignore_terminations: bool = False
+    # Language instruction; null: envs/maniskill.py's table or the task docstring.
+    instruction: str | None = None
+    # Side of render() frames (episode videos) in state mode.
+    render_size: int = 256
+    # Start method of the async CPU vector (forkserver, spawn or fork).
+    context: str | None = "forkserver"
+
+
+@register("env", "maniskill", ManiSkillEnvConfig)
 class ManiSkillEnv(SimVectorEnv):
     """A registered ManiSkill3 task (e.g. PushCube-v1) as a contract VectorEnv.
 

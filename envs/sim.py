@@ -35,7 +35,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from rlplat.envs.base import Obs, Seed, VectorEnv
+from rlplat.envs.base import Obs, Seed, VectorEnv, step_info
 
 VECTOR_MODES = ("async", "sync")
 _INSTRUCTION_MAX_CHARS = 256
@@ -347,13 +347,8 @@ class SimVectorEnv(VectorEnv, abc.ABC):
         self._ep_return += reward
         self._ep_length += 1
         done = terminated | truncated
-        info: dict[str, Any] = {
-            "success": success,
-            "done": done,
-            "episode_return": np.where(done, self._ep_return, 0.0).astype(np.float32),
-            "episode_length": np.where(done, self._ep_length, 0),
-            "final_obs": self._with_instruction({k: v.copy() for k, v in obs.items()}),
-        }
+        info = step_info(success, done, self._ep_return, self._ep_length,
+                         self._with_instruction({k: v.copy() for k, v in obs.items()}))
         if done.any():
             fresh = self._sim.reset_rows(done)
             for key, value in fresh.items():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
 
-from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg
+from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg, step_info
+from rlplat.registry import register
 
 # RGB of every colour name an env may use. Gray and near-black are left out on purpose: they are
 # the background and the gripper, and an object of that colour would be invisible in the image.
@@ -61,6 +63,33 @@ _MAX_LAYOUT_TRIES = 100
 _INSTRUCTION_MAX_CHARS = 64
 
 
+@dataclass
+class ToyEnvConfig:
+    """Constructor arguments of envs/toy.py's ToyReachEnv (see its docstring)."""
+
+    # Parallel training envs in total, split evenly over the env workers.
+    num_envs: int = 64
+    # Coloured squares per scene; one of them is named by the instruction.
+    num_objects: int = 3
+    # Colour vocabulary of the squares and instructions.
+    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    # Observation keys produced: state, rgb or state+rgb.
+    obs_mode: str = "state"
+    # Side of the square RGB image in pixels.
+    image_size: int = 64
+    # Episode limit; reaching it sets truncated.
+    max_episode_steps: int = 50
+    # dense (progress + success bonus) or sparse (1 on success).
+    reward_mode: str = "dense"
+    # Arena units moved per unit action.
+    action_scale: float = 0.1
+    # Distance to the target that counts as success.
+    success_radius: float = 0.1
+    # Success does not end the episode (episodes always run max_episode_steps).
+    ignore_terminations: bool = False
+
+
+@register("env", "toy", ToyEnvConfig)
 class ToyReachEnv(VectorEnv):
     """Move a point gripper onto the coloured square named by the instruction.
 
@@ -343,13 +372,7 @@ class ToyReachEnv(VectorEnv):
         done = terminated | truncated
 
         final_obs = self._observe(self._all)
-        info: dict[str, Any] = {
-            "success": success,
-            "done": done,
-            "episode_return": np.where(done, self._ep_return, 0.0).astype(np.float32),
-            "episode_length": np.where(done, self._t, 0),
-            "final_obs": final_obs,
-        }
+        info = step_info(success, done, self._ep_return, self._t, final_obs)
         # Copy so that final_obs keeps the terminal rows after the reset below overwrites them.
         obs = {key: value.copy() for key, value in final_obs.items()}
         ended = np.flatnonzero(done)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,7 +41,7 @@ class ActOutput:
 
 @dataclass
 class EvalOutput:
-    """What ``ActionPolicy.evaluate`` returns for given observations and actions."""
+    """What ``ActionPolicy.evaluate_actions`` returns for given observations and actions."""
 
     # log pi(a|s) [B] under the current parameters, summed over action dims.
     logprobs: torch.Tensor
@@ -66,7 +67,7 @@ class ActionPolicy(nn.Module, abc.ABC):
         """Samples (or takes the mode of) actions for a batch of observations."""
 
     @abc.abstractmethod
-    def evaluate(
+    def evaluate_actions(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None
     ) -> EvalOutput:
         """Log-probabilities and entropy of given actions, plus values, with gradients."""
@@ -77,14 +78,14 @@ class ActionPolicy(nn.Module, abc.ABC):
 
     # ---- training hooks with defaults; families override what they need -------------------
 
-    #: Whether ``evaluate_reference`` scores under the frozen reference without a second copy
+    #: Whether ``evaluate_actions_reference`` scores under the frozen reference without a second copy
     #: (e.g. a LoRA policy with its adapter disabled). Otherwise the trainer keeps a frozen copy.
     reference_is_builtin: bool = False
 
-    def evaluate_reference(
+    def evaluate_actions_reference(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None
     ) -> EvalOutput:
-        """``evaluate`` under the reference policy, for policies with ``reference_is_builtin``."""
+        """``evaluate_actions`` under the reference policy, for policies with ``reference_is_builtin``."""
         raise NotImplementedError(f"{type(self).__name__} keeps no built-in reference")
 
     def observe(self, obs: Observation, reduce: Callable[[list[float]], list[float]] | None = None) -> None:
@@ -130,3 +131,72 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
     ) -> torch.Tensor:
         """log p(latents_prev | latents_t, t, cond) [B], reduced as the config names."""
+
+
+# --------------------------------------------------------------------------- action statistics
+
+
+def compute_stats(
+    actions: np.ndarray,
+    proprio: np.ndarray | None = None,
+    num_trajectories: int | None = None,
+    mask: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """One dataset's entry of ``dataset_statistics.json`` from its transitions.
+
+    Args:
+        actions: All actions of the dataset [N, D], trajectories concatenated.
+        proprio: Proprioceptive states [N, P]; None records the statistics of zeros shaped like
+            ``actions``, as OpenVLA does for datasets without proprio.
+        num_trajectories: Number of trajectories in ``actions``; None records 1 (the array is
+            taken as one trajectory).
+        mask: Per action dim, whether to (un)normalise it. Default: all True. OpenVLA's Open-X
+            datasets (EEF_POS) use ``[True] * 6 + [False]``, leaving the gripper dim as is;
+            pass that for data whose last dim is an absolute gripper command.
+
+    Returns:
+        ``{"action": {mean, std, max, min, q01, q99, mask}, "proprio": {mean, std, max, min,
+        q01, q99}, "num_transitions": N, "num_trajectories": T}``, lists of python numbers,
+        q01/q99 being ``np.quantile`` at 0.01/0.99 (as OpenVLA). Store it under a key:
+        ``save_stats({"my_dataset": entry}, path)``.
+    """
+    a = _as_float_2d(actions, "actions")
+    n, d = a.shape
+    p = np.zeros_like(a) if proprio is None else _as_float_2d(proprio, "proprio")
+    if p.shape[0] != n:
+        raise ValueError(f"proprio has {p.shape[0]} rows but actions has {n}; pass one per transition")
+    if mask is None:
+        mask = [True] * d
+    mask = [bool(m) for m in mask]
+    if len(mask) != d:
+        raise ValueError(f"mask has {len(mask)} entries but actions have {d} dims; pass one per dim")
+    if num_trajectories is None:
+        num_trajectories = 1
+    if int(num_trajectories) != num_trajectories or not 1 <= num_trajectories <= n:
+        raise ValueError(f"num_trajectories must be an integer in [1, {n}], got {num_trajectories!r}")
+    return {
+        "action": {**_moments(a), "mask": mask},
+        "proprio": _moments(p),
+        "num_transitions": int(n),
+        "num_trajectories": int(num_trajectories),
+    }
+
+
+def _moments(x: np.ndarray) -> dict[str, list[float]]:
+    """OpenVLA get_dataset_statistics: mean, std (ddof=0), max, min, q01, q99 per dim."""
+    return {
+        "mean": x.mean(0).tolist(),
+        "std": x.std(0).tolist(),
+        "max": x.max(0).tolist(),
+        "min": x.min(0).tolist(),
+        "q01": np.quantile(x, 0.01, axis=0).tolist(),
+        "q99": np.quantile(x, 0.99, axis=0).tolist(),
+    }
+
+
+def _as_float_2d(x: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {arr.shape}")
+    # Keep a floating dtype as given (OpenVLA computes on float32 data); integers become float64.
+    return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)

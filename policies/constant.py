@@ -8,6 +8,7 @@ without a model. It has no critic and one dummy weight, so every algorithm's upd
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -15,8 +16,18 @@ import torch
 from torch import nn
 
 from rlplat.policies.base import ActionPolicy, ActOutput, EvalOutput, Observation
+from rlplat.registry import register
 
 
+@dataclass
+class ConstantPolicyConfig:
+    """The same action on every row (policies/constant.py): no-op runs and overhead benchmarks."""
+
+    # The action, broadcast to the action shape (0: no-op for delta controllers).
+    value: float = 0.0
+
+
+@register("policy", "constant", ConstantPolicyConfig)
 class ConstantPolicy(ActionPolicy):
     """Acts ``value`` (broadcast to the action shape, clipped to the action space) on every row.
 
@@ -44,7 +55,7 @@ class ConstantPolicy(ActionPolicy):
         n = self._rows(obs)
         return ActOutput(actions=self.action.expand(n, *self.action.shape).clone(), logprobs=torch.zeros(n))
 
-    def evaluate(self, obs: Observation, actions: torch.Tensor,
+    def evaluate_actions(self, obs: Observation, actions: torch.Tensor,
                  extras: Mapping[str, torch.Tensor] | None = None) -> EvalOutput:
         zeros = self.dummy * torch.zeros(len(actions))
         return EvalOutput(logprobs=zeros, entropy=zeros)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -20,6 +21,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from rlplat.policies.base import ActionPolicy, ActOutput, EvalOutput, Observation
+from rlplat.registry import register
 
 _VECTOR_KEYS = ("state", "proprio")
 
@@ -140,6 +142,25 @@ class _Tower(nn.Module):
         return self.mlp(self.encoder(obs))
 
 
+@dataclass
+class MLPPolicyConfig:
+    """Gaussian actor-critic on state and/or image observations (policies/mlp.py)."""
+
+    # Observation keys the policy reads: any of state, proprio, image, instruction.
+    obs_keys: list[str] = field(default_factory=lambda: ["state"])
+    # Hidden layer widths of the actor and the critic MLPs.
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    # Initial log standard deviation of the Gaussian action distribution.
+    init_log_std: float = -0.5
+    # Width of the instruction embedding (hashed bag of words) when obs_keys has instruction.
+    instruction_dim: int = 32
+    # Number of hash buckets for instruction words.
+    instruction_buckets: int = 256
+    # Standardise state/proprio with running statistics of the training batches.
+    normalize_obs: bool = False
+
+
+@register("policy", "mlp", MLPPolicyConfig)
 class ActorCritic(ActionPolicy):
     """Diagonal-Gaussian actor and a value critic over the chosen observation keys.
 
@@ -205,7 +226,7 @@ class ActorCritic(ActionPolicy):
         actions = dist.mean if deterministic else dist.sample()
         return ActOutput(actions, dist.log_prob(actions).sum(-1), self._value(obs))
 
-    def evaluate(
+    def evaluate_actions(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, Any] | None = None
     ) -> EvalOutput:
         obs = self._normalized(obs)

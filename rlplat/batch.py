@@ -355,10 +355,6 @@ class Batch:
         rows = torch.arange(self.batch_size)
         return self[rows.repeat_interleave(n) if interleave else rows.repeat(n)]
 
-    def shuffle(self, generator: torch.Generator | None = None) -> Batch:
-        """The rows in a random order (``torch.randperm`` with ``generator``)."""
-        return self[torch.randperm(self.batch_size, generator=generator)]
-
     def minibatches(
         self, num_minibatches: int, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:

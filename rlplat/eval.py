@@ -47,14 +47,14 @@ def evaluate_checkpoint(argv: list[str] | None = None) -> dict[str, float]:
         cfg.seed = args.seed
 
     offline_defaults()
-    from rlplat.loops.embodied import EmbodiedLoop
+    from rlplat.loops.embodied import embodied_run
     from rlplat.runtime.cluster import ClusterConfig, ray_session
 
     with ray_session(ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))):
-        loop = EmbodiedLoop(cfg, Path(tempfile.mkdtemp(prefix="rlplat-eval-")))
+        loop = embodied_run(cfg, Path(tempfile.mkdtemp(prefix="rlplat-eval-")))
         try:
             loop.load_policy(folder)
-            metrics = loop.evaluate(video_path=args.video)
+            metrics = loop.collector.evaluate(video_path=args.video)
         finally:
             loop.shutdown()
     metrics = {"checkpoint": str(folder), "episodes": cfg.trainer.eval_episodes, **metrics}

@@ -18,6 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from rlplat import registry
 from rlplat.config import register_configs
 
 register_configs()
@@ -35,10 +36,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs one training job in ``run_dir`` (also used by tests and benchmarks)."""
     from hydra.errors import InstantiationException
 
-    from rlplat.loops.embodied import EmbodiedLoop, check_config
+    from rlplat.loops.embodied import check_config, embodied_run
     from rlplat.runtime.cluster import ClusterConfig, ray_session
 
     offline_defaults()
+    try:
+        registry.refuse_renamed(cfg)
+    except ValueError as err:
+        raise SystemExit(f"config error: {err}") from None
     if cfg.get("preference") is not None:
         return run_preference(cfg, run_dir)
     if cfg.get("env") is None:
@@ -59,14 +64,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             warm_dir = run_dir / WARM_START_DIR
             if not (warm_dir / "checkpoints" / f"step_{warm_cfg.trainer.total_steps}").is_dir():
                 print(f"warm start: {warm_cfg.trainer.total_steps} SFT iterations in {warm_dir}")
-                warm = EmbodiedLoop(warm_cfg, warm_dir, warm_algo)
+                warm = embodied_run(warm_cfg, warm_dir, warm_algo)
                 try:
                     warm.run()
                 finally:
                     warm.shutdown()
             cfg = copy.deepcopy(cfg)
             cfg.policy.init_from = str(warm_dir)
-        loop = EmbodiedLoop(cfg, run_dir, algo)
+        loop = embodied_run(cfg, run_dir, algo)
         try:
             return loop.run()
         finally:
@@ -77,7 +82,7 @@ def run_preference(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs one text-to-image preference job (policy x preference source x algorithm) in ``run_dir``."""
     from hydra.errors import InstantiationException
 
-    from rlplat.loops.preference import PreferenceLoop, check_preference_config
+    from rlplat.loops.preference import check_preference_config, preference_run
     from rlplat.runtime.cluster import ClusterConfig, ray_session
 
     if cfg.get("env") is not None:
@@ -92,7 +97,7 @@ def run_preference(cfg: DictConfig, run_dir: Path) -> dict:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))
     with ray_session(cluster):
-        loop = PreferenceLoop(cfg, run_dir, algo)
+        loop = preference_run(cfg, run_dir, algo)
         try:
             return loop.run()
         finally:

@@ -231,13 +231,6 @@ def test_minibatches_cover_a_permutation_and_check_divisibility() -> None:
         next(make_batch(10).minibatches(3))
 
 
-def test_shuffle_is_a_permutation() -> None:
-    b = make_batch(8)
-    s = b.shuffle(torch.Generator().manual_seed(1))
-    assert sorted(rows(s)) == list(range(8))
-    assert s["instruction"].tolist() == [f"task {r}" for r in rows(s)]
-
-
 # ------------------------------------------------------------------ devices, pickling, repr
 
 

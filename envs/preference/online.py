@@ -14,11 +14,14 @@ never draws, with fixed seeds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
+from omegaconf import MISSING
 
 from rlplat.envs.preference.proxy import ScoreSource, preference_labels
+from rlplat.registry import register
 
 
 class PromptSet:
@@ -49,6 +52,21 @@ class PromptSet:
         )
 
 
+@dataclass
+class OnlinePreferenceConfig:
+    """Prompts, a score and tie rules for online preference tuning (envs/preference/online.py)."""
+
+    # Prompt set (_target_ + arguments): train prompts, held-out eval prompts, maybe demonstrations.
+    prompts: Any = field(default_factory=lambda: {"_target_": "rlplat.envs.preference.shapes.ShapesPrompts"})
+    # Score source (_target_ + arguments), higher is better.
+    score: Any = MISSING
+    # Score gap at or below which a pair counts as a tie.
+    tie_margin: float = 0.0
+    # Tied pairs: drop (no gradient) or random (a fair coin labels them).
+    ties: str = "drop"
+
+
+@register("preference", "online", OnlinePreferenceConfig)
 class OnlinePreferences:
     """Prompts + a ``ScoreSource`` + how score pairs become labels (a ``preference`` config).
 

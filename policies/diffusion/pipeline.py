@@ -31,6 +31,7 @@ from rlplat.batch import Batch
 from rlplat.policies.base import DiffusionPolicy
 from rlplat.policies.cache import build_once, cached_folder
 from rlplat.policies.diffusion.logprob import ddim_step_with_logprob
+from rlplat.policies.lora import lora_rank, peft_lora_config
 
 _TINY_BUILD_VERSION = 3
 # Distinct prompts whose text-encoder states are kept (the cache is cleared when it would overflow).
@@ -207,16 +208,11 @@ class TextToImagePolicy(DiffusionPolicy):
             self.unet.fuse_lora(adapter_names=["export"])
             self.unet.unload_lora()
         self.text_encoder.requires_grad_(False)
-        self.lora_rank = int((lora or {}).get("r", 0))
+        self.lora_rank = lora_rank(lora)
         if self.lora_rank > 0:
-            from peft import LoraConfig
-
             self.unet.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(
-                r=self.lora_rank, lora_alpha=int(lora.get("alpha") or self.lora_rank),
-                lora_dropout=float(lora.get("dropout", 0.0)),
-                target_modules=list(lora.get("target_modules") or ["to_q", "to_k", "to_v", "to_out.0"]),
-            ))
+            # The attention projections (D3PO's and DDPO's setting).
+            self.unet.add_adapter(peft_lora_config(lora, ["to_q", "to_k", "to_v", "to_out.0"]))
         self.num_steps = int(num_steps)
         self.guidance_scale = float(guidance_scale)
         self.eta = float(eta)
@@ -358,7 +354,7 @@ class TextToImagePolicy(DiffusionPolicy):
         """Samples images for ``prompts`` and records the DDIM trajectory.
 
         Returns a Batch of B rows: ``latents`` [B, T, C, h, w] (x_t before each step),
-        ``next_latents`` [B, T, C, h, w] (x_{t-1}), ``timesteps`` [B, T], ``log_probs`` [B, T],
+        ``next_latents`` [B, T, C, h, w] (x_{t-1}), ``timesteps`` [B, T], ``logprobs`` [B, T],
         ``images`` uint8 [B, H, W, 3] and ``prompts`` (extras). ``latents`` given: start from
         that x_T (e.g. shared by the two samples of a D3PO pair).
         """
@@ -383,7 +379,7 @@ class TextToImagePolicy(DiffusionPolicy):
             {
                 "latents": torch.stack(before, 1).cpu(), "next_latents": torch.stack(after, 1).cpu(),
                 "timesteps": self.scheduler.timesteps.reshape(1, steps).expand(len(prompts), steps).clone(),
-                "log_probs": torch.stack(logps, 1).cpu(), "images": torch.as_tensor(self.latents_to_images(x)),
+                "logprobs": torch.stack(logps, 1).cpu(), "images": torch.as_tensor(self.latents_to_images(x)),
             },
             extras={"prompts": list(prompts)},
             meta={"guidance_scale": g, "eta": self.eta, "reduction": self.reduction},
@@ -394,7 +390,7 @@ class TextToImagePolicy(DiffusionPolicy):
         traj = self.sample_trajectory(prompts, generator)
         images = traj["images"].permute(0, 3, 1, 2).float() / 255.0
         latents = torch.cat([traj["latents"], traj["next_latents"][:, -1:]], dim=1)
-        return images, latents, traj["log_probs"]
+        return images, latents, traj["logprobs"]
 
     def step_logprob(self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
                      ) -> torch.Tensor:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from rlplat.policies.base import compute_stats  # noqa: F401  (the statistics format lives with the contract)
 
 if TYPE_CHECKING:
     import torch
@@ -264,72 +266,6 @@ def normalize(actions: np.ndarray, stats: Mapping[str, Any], key: str | None = N
         # OpenVLA data_utils: "Map unused action dimensions (i.e., dimensions where min == max) to all 0s."
         out = np.where(np.asarray(entry["min"]) == np.asarray(entry["max"]), 0.0, out)
     return out
-
-
-def compute_stats(
-    actions: np.ndarray,
-    proprio: np.ndarray | None = None,
-    num_trajectories: int | None = None,
-    mask: Sequence[bool] | None = None,
-) -> dict[str, Any]:
-    """One dataset's entry of ``dataset_statistics.json`` from its transitions.
-
-    Args:
-        actions: All actions of the dataset [N, D], trajectories concatenated.
-        proprio: Proprioceptive states [N, P]; None records the statistics of zeros shaped like
-            ``actions``, as OpenVLA does for datasets without proprio.
-        num_trajectories: Number of trajectories in ``actions``; None records 1 (the array is
-            taken as one trajectory).
-        mask: Per action dim, whether to (un)normalise it. Default: all True. OpenVLA's Open-X
-            datasets (EEF_POS) use ``[True] * 6 + [False]``, leaving the gripper dim as is;
-            pass that for data whose last dim is an absolute gripper command.
-
-    Returns:
-        ``{"action": {mean, std, max, min, q01, q99, mask}, "proprio": {mean, std, max, min,
-        q01, q99}, "num_transitions": N, "num_trajectories": T}``, lists of python numbers,
-        q01/q99 being ``np.quantile`` at 0.01/0.99 (as OpenVLA). Store it under a key:
-        ``save_stats({"my_dataset": entry}, path)``.
-    """
-    a = _as_float_2d(actions, "actions")
-    n, d = a.shape
-    p = np.zeros_like(a) if proprio is None else _as_float_2d(proprio, "proprio")
-    if p.shape[0] != n:
-        raise ValueError(f"proprio has {p.shape[0]} rows but actions has {n}; pass one per transition")
-    if mask is None:
-        mask = [True] * d
-    mask = [bool(m) for m in mask]
-    if len(mask) != d:
-        raise ValueError(f"mask has {len(mask)} entries but actions have {d} dims; pass one per dim")
-    if num_trajectories is None:
-        num_trajectories = 1
-    if int(num_trajectories) != num_trajectories or not 1 <= num_trajectories <= n:
-        raise ValueError(f"num_trajectories must be an integer in [1, {n}], got {num_trajectories!r}")
-    return {
-        "action": {**_moments(a), "mask": mask},
-        "proprio": _moments(p),
-        "num_transitions": int(n),
-        "num_trajectories": int(num_trajectories),
-    }
-
-
-def _moments(x: np.ndarray) -> dict[str, list[float]]:
-    """OpenVLA get_dataset_statistics: mean, std (ddof=0), max, min, q01, q99 per dim."""
-    return {
-        "mean": x.mean(0).tolist(),
-        "std": x.std(0).tolist(),
-        "max": x.max(0).tolist(),
-        "min": x.min(0).tolist(),
-        "q01": np.quantile(x, 0.01, axis=0).tolist(),
-        "q99": np.quantile(x, 0.99, axis=0).tolist(),
-    }
-
-
-def _as_float_2d(x: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {arr.shape}")
-    # Keep a floating dtype as given (OpenVLA computes on float32 data); integers become float64.
-    return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
 
 
 def _bounds(entry: Mapping[str, Any], shape: tuple[int, ...], key: str) -> tuple[np.ndarray, ...]:

@@ -3,9 +3,9 @@
 ``act`` renders OpenVLA's prompt for each observation's image and instruction, decodes the
 action tokens (sampled at ``temperature``, or greedy when deterministic), maps them to bin
 centres in [-1, 1] and unnormalises them with the q01/q99 statistics of ``unnorm_key``. The
-tokens travel with the rollout (``extras["action_tokens"]``), so ``evaluate`` scores exactly
+tokens travel with the rollout (``extras["action_tokens"]``), so ``evaluate_actions`` scores exactly
 what was sampled; given env actions without tokens (demonstrations), it normalises and
-tokenises them first, which makes ``-evaluate(...).logprobs`` OpenVLA's next-token
+tokenises them first, which makes ``-evaluate_actions(...).logprobs`` OpenVLA's next-token
 cross-entropy on action tokens.
 
 Weights come from one of three places, in this order: ``init_from`` (an rlplat checkpoint or an
@@ -33,6 +33,7 @@ from torch import nn
 
 from rlplat.policies.base import ActionPolicy, ActOutput, EvalOutput, Observation
 from rlplat.policies.cache import build_once, cached_folder
+from rlplat.policies.lora import peft_lora_config
 from rlplat.policies.openvla.action_tokenizer import (
     STATS_FILENAME,
     ActionTokenizer,
@@ -329,15 +330,10 @@ class OpenVLAPolicy(ActionPolicy):
         if gradient_checkpointing:
             vla.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora_rank > 0:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            config = LoraConfig(
-                r=self.lora_rank,
-                lora_alpha=int(lora.get("alpha") or min(self.lora_rank, 16)),
-                lora_dropout=float(lora.get("dropout", 0.0)),
-                target_modules=lora.get("target_modules", "all-linear"),
-                modules_to_save=["value_head"] if value_head else None,
-            )
+            # Every linear layer but the LM head (OpenVLA's fine-tuning recipe).
+            config = peft_lora_config(lora, "all-linear", modules_to_save=["value_head"] if value_head else None)
             model = get_peft_model(vla, config)
         self.model = model.to(self._device)
         self.norm_stats: dict[str, Any] = dict(stats)
@@ -405,7 +401,7 @@ class OpenVLAPolicy(ActionPolicy):
             extras={TOKENS_KEY: tokens.cpu()},
         )
 
-    def evaluate(
+    def evaluate_actions(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None
     ) -> EvalOutput:
         if extras is not None and TOKENS_KEY in extras:
@@ -419,12 +415,12 @@ class OpenVLAPolicy(ActionPolicy):
         values = self._value(out["hidden"]).cpu() if self.has_value else None
         return EvalOutput(logprobs=out["action_logprob"].cpu(), entropy=out["entropy"].cpu(), values=values)
 
-    def evaluate_reference(
+    def evaluate_actions_reference(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None
     ) -> EvalOutput:
-        """``evaluate`` under the base model (adapter disabled); needs LoRA."""
+        """``evaluate_actions`` under the base model (adapter disabled); needs LoRA."""
         with self.adapter_disabled():
-            return self.evaluate(obs, actions, extras)
+            return self.evaluate_actions(obs, actions, extras)
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:

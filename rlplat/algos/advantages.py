@@ -9,8 +9,6 @@ has no spread: its std is taken as 0, and its normalised value is 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 
@@ -133,19 +131,3 @@ def nonuniform_group_mask(rewards: torch.Tensor, group_size: int) -> torch.Tenso
     informative = r.amax(dim=1) != r.amin(dim=1)
     return informative.repeat_interleave(group_size)
 
-
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {
-    "gae": gae,
-    "grpo": group_normalized_advantages,
-}
-
-
-def get_advantage_estimator(name: str) -> Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-    """The advantage estimator registered under ``name``.
-
-    Raises:
-        KeyError: unknown name; the message lists the valid ones.
-    """
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise KeyError(f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[name]

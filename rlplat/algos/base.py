@@ -18,18 +18,11 @@ import numpy as np
 import torch
 
 from rlplat.algos.losses import masked_mean
+from rlplat.algos.optim import OptimizerStep, annealed_lr
 from rlplat.batch import Batch
 from rlplat.policies.base import ActionPolicy, EvalOutput
 
 log = logging.getLogger(__name__)
-
-
-def annealed_lr(optim: dict[str, Any], step: int, total_steps: int) -> float:
-    """``optim["lr"]`` at iteration ``step``, decayed linearly to 0 at ``total_steps`` when ``optim["anneal_lr"]``."""
-    lr = float(optim["lr"])
-    if optim.get("anneal_lr", False):
-        lr *= max(0.0, 1.0 - step / max(total_steps, 1))
-    return lr
 
 
 class BatchArithmeticError(ValueError):
@@ -142,41 +135,28 @@ class Algorithm(abc.ABC):
         if has_old_logprobs and self.recomputes_old_logprobs(policy):
             rescore_old_logprobs(policy, batch, self.cfg["num_minibatches"])
         sums: dict[str, float] = defaultdict(float)
-        count, skipped, stop_kl, ratio_dev_first = 0, 0, None, None
+        count, stop_kl, ratio_dev_first = 0, None, None
         target_kl = self.cfg.get("target_kl")
-        params = [p for p in policy.parameters() if p.requires_grad]
+        stepper = OptimizerStep(optimizer, self.optim["max_grad_norm"], sync_grads, sync_mean)
         planned = self.cfg["update_epochs"] * self.cfg["num_minibatches"]
         for _ in range(self.cfg["update_epochs"]):
             for mb in batch.minibatches(self.cfg["num_minibatches"], generator):
                 # The minibatch carries the rollout's extras (e.g. the VLA's action tokens).
-                out = policy.evaluate(mb, mb["actions"], mb)
+                out = policy.evaluate_actions(mb, mb["actions"], mb)
                 if has_old_logprobs and ratio_dev_first is None:
                     with torch.no_grad():
                         ratio = (out.logprobs.float() - mb["logprobs"].float()).exp()
                         ratio_dev_first = float(masked_mean((ratio - 1).abs(), mb["mask"] if "mask" in mb else None))
                 loss, metrics = self.loss(mb, out)
-                nonfinite, kl = float(not torch.isfinite(loss)), float(metrics.get("approx_kl", 0.0))
+                kl = float(metrics.get("approx_kl", 0.0)) if torch.isfinite(loss) else 0.0
                 if sync_mean is not None:
-                    nonfinite, kl = sync_mean([nonfinite, 0.0 if nonfinite else kl])
-                if nonfinite > 0:
-                    skipped += 1
-                    log.warning("non-finite loss %s (on this rank or another): minibatch skipped", float(loss.detach()))
-                    continue
+                    kl = sync_mean([kl])[0]
                 if target_kl is not None and kl > target_kl:
                     stop_kl = kl
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if sync_grads is not None:
-                    sync_grads()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.optim["max_grad_norm"])
-                if not torch.isfinite(grad_norm):
-                    # Gradients are already averaged here, so every rank sees the same norm.
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    log.warning("non-finite gradient norm %s: minibatch skipped", float(grad_norm))
+                grad_norm = stepper.step(loss)
+                if grad_norm is None:
                     continue
-                optimizer.step()
                 metrics = {**metrics, "loss": loss.detach(), "grad_norm": grad_norm}
                 for key, value in metrics.items():
                     sums[key] += float(value)
@@ -189,7 +169,7 @@ class Algorithm(abc.ABC):
         result["train/grad_norm_max"] = sums["grad_norm_max"]
         result["train/minibatches"] = float(count)
         result["train/update_fraction"] = count / planned
-        result["train/skipped_nonfinite"] = float(skipped)
+        result["train/skipped_nonfinite"] = float(stepper.skipped)
         result["train/kl_stop"] = float(stop_kl is not None)
         if stop_kl is not None:
             result["train/kl_at_stop"] = stop_kl
@@ -211,7 +191,7 @@ def rescore_old_logprobs(policy: ActionPolicy, batch: Batch, num_chunks: int) ->
     """Replaces ``batch["logprobs"]`` with the policy's own log-probs of the recorded actions,
     scored without gradients in ``num_chunks`` pieces (the update's minibatch size)."""
     with torch.no_grad():
-        parts = [policy.evaluate(chunk, chunk["actions"], chunk).logprobs for chunk in batch.chunk(num_chunks)]
+        parts = [policy.evaluate_actions(chunk, chunk["actions"], chunk).logprobs for chunk in batch.chunk(num_chunks)]
     batch["logprobs"] = torch.cat(parts).to(batch["logprobs"].dtype)
 
 
@@ -271,6 +251,7 @@ class PreferenceAlgorithm(abc.ABC):
         batch: Batch,
         generator: torch.Generator,
         sync_grads: Callable[[], None] | None = None,
+        sync_mean: Callable[[list[float]], list[float]] | None = None,
     ) -> dict[str, float]:
         """``update_epochs`` x ``num_minibatches`` optimizer steps, each over a subset of the steps.
 
@@ -280,40 +261,32 @@ class PreferenceAlgorithm(abc.ABC):
         """
         num_steps = batch["timesteps"].shape[1]
         train_steps = max(1, round(num_steps * float(self.cfg.get("timestep_fraction", 1.0))))
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        stepper = OptimizerStep(optimizer, self.optim["max_grad_norm"], sync_grads, sync_mean)
         sums: dict[str, float] = defaultdict(float)
-        count, skipped = 0, 0
+        count = 0
         for _ in range(int(self.cfg["update_epochs"])):
             order = torch.randperm(len(batch), generator=generator)
             for rows in torch.tensor_split(order, min(int(self.cfg["num_minibatches"]), len(batch))):
                 mb = batch[rows]
                 steps = torch.randperm(num_steps, generator=generator)[:train_steps].tolist()
-                optimizer.zero_grad(set_to_none=True)
+                stepper.begin()
                 step_sums: dict[str, float] = defaultdict(float)
-                finite = True
                 for step in steps:
                     loss, metrics = self.step_loss(policy, mb, step)
-                    if not torch.isfinite(loss):
-                        finite = False
+                    if not stepper.backward(loss / len(steps)):
                         break
-                    (loss / len(steps)).backward()
                     for key, value in {"loss": loss.detach(), **metrics}.items():
                         step_sums[key] += float(value) / len(steps)
-                if not finite:
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning("non-finite loss at denoising step %d: minibatch skipped", step)
+                grad_norm = stepper.finish()
+                if grad_norm is None:
                     continue
-                if sync_grads is not None:
-                    sync_grads()
-                step_sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.optim["max_grad_norm"]))
-                optimizer.step()
+                step_sums["grad_norm"] = grad_norm
                 for key, value in step_sums.items():
                     sums[key] += value
                 count += 1
         result = {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
         result["train/minibatches"] = float(count)
-        result["train/skipped_nonfinite"] = float(skipped)
+        result["train/skipped_nonfinite"] = float(stepper.skipped)
         return result
 
     def learning_rate(self, step: int, total_steps: int) -> float:

@@ -9,7 +9,7 @@ reference its gradient stops (the clip acts like PPO's trust region).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
-from rlplat.envs.preference.proxy import preference_labels
+from rlplat.registry import register
 
 
 def d3po_loss(
@@ -27,7 +28,7 @@ def d3po_loss(
     logp_l: torch.Tensor,
     ref_logp_l: torch.Tensor,
     beta: float = 0.1,
-    clip_eps: float = 0.1,
+    clip_coef: float = 0.1,
 ) -> torch.Tensor:
     """Per-pair D3PO loss for one denoising step.
 
@@ -39,14 +40,14 @@ def d3po_loss(
             (differentiable).
         ref_logp_w, ref_logp_l: the same steps under the reference model [B] (no gradient).
         beta: DPO temperature (D3PO's default 0.1).
-        clip_eps: Half-width of the ratio band (D3PO's default 0.1).
+        clip_coef: Half-width of the ratio band (D3PO's default 0.1).
 
     Returns:
         loss [B] (not reduced). Before the first update (policy == reference) it is log 2.
     """
-    if clip_eps <= 0 or clip_eps >= 1:
-        raise ValueError(f"clip_eps={clip_eps} must be in (0, 1)")
-    lo, hi = 1.0 - clip_eps, 1.0 + clip_eps
+    if clip_coef <= 0 or clip_coef >= 1:
+        raise ValueError(f"clip_coef={clip_coef} must be in (0, 1)")
+    lo, hi = 1.0 - clip_coef, 1.0 + clip_coef
     rho_w = torch.exp(logp_w - ref_logp_w.detach()).clamp(lo, hi)
     rho_l = torch.exp(logp_l - ref_logp_l.detach()).clamp(lo, hi)
     return -F.logsigmoid(beta * (torch.log(rho_w) - torch.log(rho_l)))
@@ -55,36 +56,8 @@ def d3po_loss(
 # --------------------------------------------------------------------------- pairs and update
 
 
-def sample_pairs(policy: Any, prompts: Sequence[str], generator: torch.Generator | None = None
-                 ) -> tuple[Batch, Batch]:
-    """Two trajectories per prompt that share the initial noise x_T (D3PO's pairing)."""
-    x_T = torch.randn((len(prompts), *policy.latent_shape), generator=generator)
-    first = policy.sample_trajectory(prompts, generator=generator, latents=x_T)
-    second = policy.sample_trajectory(prompts, generator=generator, latents=x_T)
-    return first, second
-
-
-def label_pairs(
-    first: Batch, second: Batch, source: Any, tie_margin: float = 0.0, ties: str = "drop",
-    rng: np.random.Generator | None = None,
-) -> tuple[Batch, dict[str, float]]:
-    """Scores both samples with ``source`` and orders each pair as (preferred w, other l).
-
-    Returns the kept pairs as one Batch (see ``order_pairs``) and metrics: mean and std of the
-    scores of both samples, kept fraction.
-    """
-    prompts = list(first["prompts"])
-    score_a = source(first["images"].numpy(), prompts)
-    score_b = source(second["images"].numpy(), prompts)
-    a_preferred, keep = preference_labels(score_a, score_b, tie_margin, ties, rng)
-    scores = np.concatenate([score_a, score_b])
-    metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
-               "pairs/kept_fraction": float(keep.mean())}
-    return order_pairs(first, second, a_preferred, keep), metrics
-
-
 def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.ndarray) -> Batch:
-    """The kept pairs as (preferred w, other l): ``w_latents``, ``w_next_latents``, ``w_log_probs``,
+    """The kept pairs as (preferred w, other l): ``w_latents``, ``w_next_latents``, ``w_logprobs``,
     the same with ``l_``, ``timesteps`` and ``prompts``."""
     prompts = list(first["prompts"])
     pick = torch.as_tensor(np.asarray(a_preferred, bool))
@@ -98,13 +71,13 @@ def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.n
         return w[rows], l_[rows]
 
     fields: dict[str, torch.Tensor] = {"timesteps": first["timesteps"][rows]}
-    for key in ("latents", "next_latents", "log_probs"):
+    for key in ("latents", "next_latents", "logprobs"):
         fields[f"w_{key}"], fields[f"l_{key}"] = order(key)
     return Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
 
 
 def d3po_step_loss(
-    policy: Any, pairs: Batch, step: int, beta: float = 0.1, clip_eps: float = 0.1, reference: str = "adapter",
+    policy: Any, pairs: Batch, step: int, beta: float = 0.1, clip_coef: float = 0.1, reference: str = "adapter",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean D3PO loss of denoising step ``step`` over ``pairs`` (with gradients).
 
@@ -120,20 +93,43 @@ def d3po_step_loss(
             ref_w = policy.step_logprob(pairs["w_latents"][:, step], pairs["w_next_latents"][:, step], t, prompts)
             ref_l = policy.step_logprob(pairs["l_latents"][:, step], pairs["l_next_latents"][:, step], t, prompts)
     elif reference == "sampled":
-        ref_w, ref_l = pairs["w_log_probs"][:, step].to(logp_w), pairs["l_log_probs"][:, step].to(logp_l)
+        ref_w, ref_l = pairs["w_logprobs"][:, step].to(logp_w), pairs["l_logprobs"][:, step].to(logp_l)
     else:
         raise ValueError(f"reference={reference!r} must be 'adapter' or 'sampled'")
-    loss = d3po_loss(logp_w, ref_w, logp_l, ref_l, beta, clip_eps)
+    loss = d3po_loss(logp_w, ref_w, logp_l, ref_l, beta, clip_coef)
     with torch.no_grad():
         log_ratio_w, log_ratio_l = logp_w - ref_w, logp_l - ref_l
         metrics = {
             "implicit_acc": (log_ratio_w > log_ratio_l).float().mean(),
-            "clipfrac": ((log_ratio_w.exp() - 1).abs() > clip_eps).float().mean(),
+            "clipfrac": ((log_ratio_w.exp() - 1).abs() > clip_coef).float().mean(),
             "kl": 0.5 * ((log_ratio_w**2).mean() + (log_ratio_l**2).mean()),
         }
     return loss.mean(), metrics
 
 
+@dataclass
+class D3POConfig:
+    """D3PO on online pairs that share x_T (rlplat/algos/d3po.py)."""
+
+    # Prompts per iteration; each gets a pair of samples.
+    batch_size: int = 16
+    # Minibatches (optimizer steps) per epoch over the kept pairs.
+    num_minibatches: int = 2
+    # Passes over each iteration's pairs.
+    update_epochs: int = 1
+    # Share of the denoising steps trained per minibatch (drawn at random).
+    timestep_fraction: float = 1.0
+    # DPO temperature beta.
+    beta: float = 0.1
+    # Half-width of the clipped ratio band.
+    clip_coef: float = 0.1
+    # Reference log-probs: adapter (LoRA disabled, the pretrained model) or sampled (at sampling time).
+    reference: str = "adapter"
+    # Optimizer (AdamW).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
+
+
+@register("algo", "d3po", D3POConfig, renamed={"clip_eps": "clip_coef"})
 class D3PO(PreferenceAlgorithm):
     """D3PO on online pairs: two samples per prompt from one x_T, labelled by the preference source."""
 
@@ -155,5 +151,5 @@ class D3PO(PreferenceAlgorithm):
         }
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return d3po_step_loss(policy, mb, step, float(self.cfg["beta"]), float(self.cfg["clip_eps"]),
+        return d3po_step_loss(policy, mb, step, float(self.cfg["beta"]), float(self.cfg["clip_coef"]),
                               self.cfg.get("reference", "adapter"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,9 @@ import torch
 from rlplat.algos.advantages import group_normalized_advantages
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.algos.losses import ppo_policy_loss
+from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
+from rlplat.registry import register
 
 
 class PerPromptStatTracker:
@@ -64,21 +67,21 @@ class PerPromptStatTracker:
 
 
 def ddpo_step_loss(
-    policy: Any, traj: Batch, step: int, advantages: torch.Tensor, clip_range: float = 1e-4,
+    policy: Any, traj: Batch, step: int, advantages: torch.Tensor, clip_coef: float = 1e-4,
     adv_clip_max: float = 5.0, kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip loss of denoising step ``step`` for the trajectories in ``traj`` (with gradients).
 
-    ``traj`` is ``sample_trajectory``'s Batch (its ``log_probs`` are the old log-probs);
+    ``traj`` is ``sample_trajectory``'s Batch (its ``logprobs`` are the old log-probs);
     ``advantages`` [B] per image. With ``kl_coef`` > 0 the k3 KL estimate to the adapter-disabled
     reference (LoRA) is added.
     """
     prompts = list(traj["prompts"])
     t = traj["timesteps"][:, step]
     logp = policy.step_logprob(traj["latents"][:, step], traj["next_latents"][:, step], t, prompts)
-    old = traj["log_probs"][:, step].to(logp)
+    old = traj["logprobs"][:, step].to(logp)
     adv = advantages.to(logp).clamp(-adv_clip_max, adv_clip_max)
-    loss, metrics = ppo_policy_loss(logp, old, adv, clip_range)
+    loss, metrics = ppo_policy_loss(logp, old, adv, clip_coef)
     if kl_coef > 0:
         with torch.no_grad(), policy.adapter_disabled():
             ref = policy.step_logprob(traj["latents"][:, step], traj["next_latents"][:, step], t, prompts)
@@ -92,6 +95,37 @@ def ddpo_step_loss(
 ADVANTAGE_MODES = ("per_prompt", "group")
 
 
+@dataclass
+class DDPOConfig:
+    """DDPO / GRPO for diffusion: PPO-clip on the denoising-step ratios (rlplat/algos/ddpo.py)."""
+
+    # Prompts per iteration.
+    batch_size: int = 8
+    # Samples per prompt (the group of advantage=group).
+    group_size: int = 4
+    # per_prompt (DDPO's running per-prompt statistics) or group (GRPO: normalised within the group).
+    advantage: str = "group"
+    # Scores kept per prompt by the tracker (advantage=per_prompt).
+    tracker_buffer_size: int = 32
+    # Scores a prompt needs before its own statistics are used (advantage=per_prompt).
+    tracker_min_count: int = 16
+    # Minibatches (optimizer steps) per epoch.
+    num_minibatches: int = 2
+    # Passes over each iteration's samples.
+    update_epochs: int = 1
+    # Share of the denoising steps trained per minibatch (drawn at random).
+    timestep_fraction: float = 1.0
+    # Clip range of the step ratio (tiny: log-probs are means over elements).
+    clip_coef: float = 1e-4
+    # Advantages are clipped to +- this.
+    adv_clip_max: float = 5.0
+    # Weight of the k3 KL to the adapter-disabled reference (needs LoRA; 0: none).
+    kl_coef: float = 0.0
+    # Optimizer (AdamW).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
+
+
+@register("algo", "ddpo", DDPOConfig, renamed={"clip_range": "clip_coef"})
 class DDPO(PreferenceAlgorithm):
     """DDPO (``advantage=per_prompt``, running per-prompt statistics) or GRPO for diffusion
     (``advantage=group``: normalised over the ``group_size`` samples of each prompt)."""
@@ -122,7 +156,7 @@ class DDPO(PreferenceAlgorithm):
         return traj, {"train/advantage_abs": float(adv.abs().mean())}
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return ddpo_step_loss(policy, mb, step, mb["advantages"], float(self.cfg["clip_range"]),
+        return ddpo_step_loss(policy, mb, step, mb["advantages"], float(self.cfg["clip_coef"]),
                               float(self.cfg["adv_clip_max"]), float(self.cfg.get("kl_coef", 0.0)))
 
     def state_dict(self) -> dict[str, Any]:

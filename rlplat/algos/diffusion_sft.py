@@ -10,6 +10,7 @@ empty prompt so the same model also predicts unconditionally (classifier-free gu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.algos.optim import OptimConfig, OptimizerStep
 from rlplat.batch import Batch
+from rlplat.registry import register
 
 
 def denoising_loss(
@@ -57,6 +60,21 @@ def denoising_loss(
     return F.mse_loss(pred.float(), target.float())
 
 
+@dataclass
+class DiffusionSFTConfig:
+    """Denoising-loss (pre)training on the source's demonstrations (rlplat/algos/diffusion_sft.py)."""
+
+    # Images per optimizer step.
+    batch_size: int = 64
+    # Optimizer steps per iteration (fresh demonstrations each).
+    num_minibatches: int = 50
+    # Share of captions replaced by the empty prompt (trains the unconditional branch for guidance).
+    cond_dropout: float = 0.1
+    # Optimizer (AdamW).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, eps=1e-8, max_grad_norm=1.0))
+
+
+@register("algo", "diffusion_sft", DiffusionSFTConfig)
 class DiffusionSFT(PreferenceAlgorithm):
     """Denoising-loss (pre)training on the source's captioned demonstrations.
 
@@ -79,25 +97,21 @@ class DiffusionSFT(PreferenceAlgorithm):
         batch: Batch,
         generator: torch.Generator,
         sync_grads: Callable[[], None] | None = None,
+        sync_mean: Callable[[list[float]], list[float]] | None = None,
     ) -> dict[str, float]:
         """One optimizer step of ``denoising_loss`` per minibatch of demonstrations."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        stepper = OptimizerStep(optimizer, self.optim["max_grad_norm"], sync_grads, sync_mean)
         images, prompts = batch["images"].numpy(), list(batch["prompts"])
-        losses, norms, skipped = [], [], 0
+        losses, norms = [], []
         size = int(self.cfg["batch_size"])
         for start in range(0, len(prompts), size):
             loss = denoising_loss(policy, images[start:start + size], prompts[start:start + size], generator,
                                   float(self.cfg["cond_dropout"]))
-            if not torch.isfinite(loss):
-                skipped += 1
+            grad_norm = stepper.step(loss)
+            if grad_norm is None:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if sync_grads is not None:
-                sync_grads()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, self.optim["max_grad_norm"])))
-            optimizer.step()
+            norms.append(grad_norm)
             losses.append(loss.item())
         return {"train/loss": float(np.mean(losses)) if losses else float("nan"),
                 "train/grad_norm": float(np.mean(norms)) if norms else float("nan"),
-                "train/minibatches": float(len(losses)), "train/skipped_nonfinite": float(skipped)}
+                "train/minibatches": float(len(losses)), "train/skipped_nonfinite": float(stepper.skipped)}

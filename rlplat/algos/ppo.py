@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -9,9 +10,10 @@ import torch
 from rlplat.algos.advantages import gae, normalize
 from rlplat.algos.base import Algorithm
 from rlplat.algos.losses import entropy_bonus, ppo_policy_loss, value_loss
+from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
-
+from rlplat.registry import register
 
 #: What V(s_{t+1}) is at a step where an episode ended (``algo.bootstrap_at_done``).
 BOOTSTRAP_MODES = ("always", "truncated")
@@ -62,6 +64,46 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float(1.0 - (returns - values).var() / var) if float(var) > 0 else float("nan")
 
 
+@dataclass
+class PPOConfig:
+    """Proximal Policy Optimization with GAE (rlplat/algos/ppo.py)."""
+
+    # Env steps per env per iteration (rollout length T).
+    rollout_steps: int = 50
+    # Discount factor.
+    gamma: float = 0.99
+    # GAE lambda.
+    gae_lambda: float = 0.95
+    # Which episode ends bootstrap V(final observation): always (every end, as ManiSkill's PPO:
+    # an episode that ends in success keeps the value of where it got) or truncated (only
+    # time-limit ends; a terminal state is worth 0, the textbook MDP).
+    bootstrap_at_done: str = "truncated"
+    # Minibatches per epoch; num_envs * rollout_steps must divide evenly.
+    num_minibatches: int = 4
+    # Passes over each rollout.
+    update_epochs: int = 4
+    # Clip range of the probability ratio.
+    clip_coef: float = 0.2
+    # Clip range of the value update (null: no value clipping).
+    vf_clip_coef: float | None = None
+    # Weight of the entropy bonus.
+    ent_coef: float = 0.0
+    # Weight of the value loss.
+    vf_coef: float = 0.5
+    # Stop the update before a minibatch whose approx KL exceeds this (null: never).
+    target_kl: float | None = 0.1
+    # Normalise advantages per minibatch.
+    norm_adv: bool = True
+    # Iterations at the start that train only the value loss (a fresh critic on a warm policy).
+    critic_warmup_steps: int = 0
+    # Re-score the rollout's log-probs with the training weights before the update, so the
+    # first ratio is 1 up to float rounding (null: on when the weights are bf16 or fp16).
+    recompute_old_logprobs: bool | None = None
+    # Optimizer.
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@register("algo", "ppo", PPOConfig)
 class PPO(Algorithm):
     """Clipped-surrogate PPO on continuing rollouts of ``rollout_steps`` per env."""
 

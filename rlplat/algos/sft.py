@@ -9,12 +9,16 @@ policy; for OpenVLA that is the next-token cross-entropy on the action tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from rlplat.algos.base import Algorithm
 from rlplat.algos.losses import masked_mean
+from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
+from rlplat.registry import register
 
 
 def bc_loss(logprobs: torch.Tensor, num_tokens: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,6 +33,30 @@ def bc_loss(logprobs: torch.Tensor, num_tokens: int = 1, mask: torch.Tensor | No
     return masked_mean(-logprobs, mask) / num_tokens
 
 
+@dataclass
+class SFTConfig:
+    """Behaviour cloning on the env's scripted expert (rlplat/algos/sft.py)."""
+
+    # Env steps per env per iteration (demonstration rows = num_envs x rollout_steps).
+    rollout_steps: int = 50
+    # Std of the Gaussian noise added to the executed expert action (the label stays clean).
+    expert_noise: float = 0.3
+    # Compute action statistics (q01/q99) from the first demonstrations and give them to the policy.
+    compute_action_stats: bool = True
+    # Name of those statistics (OpenVLA's unnorm_key); null: the env class name in lower case.
+    stats_key: str | None = None
+    # Minibatches per epoch (num_envs * rollout_steps must divide evenly). 50 gives 64-row steps at
+    # the default 64 envs x 50 steps: behaviour cloning from scratch learns faster with many small steps.
+    num_minibatches: int = 50
+    # Passes over each batch of demonstrations.
+    update_epochs: int = 1
+    # Stop the epoch loop once approx KL exceeds this (null: never; unused by SFT).
+    target_kl: float | None = None
+    # Optimizer.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, max_grad_norm=1.0))
+
+
+@register("algo", "sft", SFTConfig)
 class SFT(Algorithm):
     """Behaviour cloning: continuing expert rollouts, NLL of the expert's actions."""
 

@@ -1,7 +1,9 @@
-"""The embodied RL controller: env <-> policy rollouts, advantages, update, eval, checkpoint.
+"""Embodied RL: the collector of env <-> policy rollouts (with advantages) and its evaluation.
 
-One process runs this loop top to bottom; the heavy state lives in Ray worker groups (env
-shards, the policy for rollout, the policy for training). Read ``EmbodiedLoop.run`` first.
+The run itself (update, weight sync, checkpoints, logging) is the shared skeleton
+(``rlplat.loops.skeleton.Run``); this module says how an iteration's batch comes from simulator
+shards and the rollout policy, and how the policy is evaluated on fixed-seed episodes. The heavy
+state lives in Ray worker groups (env shards, the policy for rollout, the policy for training).
 """
 
 from __future__ import annotations
@@ -20,15 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import checkpoint
 from rlplat.algos.base import Algorithm
 from rlplat.batch import Batch
-from rlplat.logging import (
-    METRICS_FILE,
-    RunLogger,
-    plot_learning_curve,
-    save_video,
-    truncate_metrics,
-)
-from rlplat.policies.openvla.action_tokenizer import compute_stats
-from rlplat.runtime.placement import Placement, PlacementSpec, parse_devices
+from rlplat.logging import METRICS_FILE, plot_learning_curve, save_video
+from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
+from rlplat.policies.base import compute_stats
+from rlplat.runtime.placement import Placement, parse_devices
 from rlplat.runtime.worker_group import WorkerGroup
 from rlplat.workers.env import EPISODE_KEYS, EnvStages, EnvWorker, final_values
 from rlplat.workers.policy import PolicyWorker
@@ -85,62 +82,63 @@ def check_batch(algo: Algorithm, cfg: DictConfig, max_episode_steps: int | None)
     )
 
 
-class EmbodiedLoop:
-    """Trains an ActionPolicy on a VectorEnv with an Algorithm, placed by ``cfg.placement``."""
+class EnvCollector(Collector):
+    """Rollouts of an ActionPolicy on VectorEnv shards, advantages by the Algorithm."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, algo: Algorithm | None = None) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.algo = algo or check_config(cfg)
+    progress_key = "env_steps"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, algo: Algorithm) -> None:
+        super().__init__(cfg, run_dir, algo)
         self.num_envs = cfg.env.num_envs
-        self.rng = np.random.default_rng(cfg.seed)
         # The env workers hold policy replicas and run rollouts themselves (no expert rollouts).
         self.rollout_in_env = bool(cfg.placement.get("rollout_in_env", False))
-        self._build_workers()
-        self.num_steps = self.algo.rollout_steps(self.max_episode_steps)
-        # Pipelined rollout: env stages overlap with policy inference (not for scripted experts).
-        self.pipelined = self.envs.stages > 1 and not self.algo.uses_expert
+        self.envs: EnvStages | None = None
         self.obs: Batch | None = None
         # Seconds the controller waited for actions and for env steps in the last rollout.
         self._waits = {"act": 0.0, "env": 0.0}
+        self._rollout_s = float("nan")
         # Action statistics computed from demonstrations (SFT), once per run.
         self.action_stats: dict[str, Any] | None = None
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict[str, Any]:
-        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
-        tc = self.cfg.trainer
-        start = self._restore_or_reset()
-        logger = RunLogger.from_config(self.cfg, self.run_dir, start)
-        metrics: dict[str, Any] = {}
-        try:
-            if start == 0 and tc.eval_at_start:
-                # Step 0: the policy as loaded (e.g. an SFT checkpoint), before any update.
-                logger.log(0, {"env_steps": 0, **self.evaluate()})
-            for step in range(start + 1, tc.total_steps + 1):
-                t0 = time.perf_counter()
-                batch, metrics = self.collect_rollout()
-                t_rollout = time.perf_counter() - t0
-                batch = self.algo.compute_advantages(batch, self.num_steps, self.num_envs)
-                metrics |= self.update(batch, step)
-                self.sync_weights()
-                metrics |= {
-                    "env_steps": step * self.num_envs * self.num_steps,
-                    "perf/env_steps_per_s": self.num_envs * self.num_steps / t_rollout,
-                    "perf/iteration_s": time.perf_counter() - t0,
-                }
-                last = step == tc.total_steps
-                if last or (tc.eval_every and step % tc.eval_every == 0):
-                    metrics |= self.evaluate(video_path=self._media("episode.gif") if last and tc.save_video else None)
-                logger.log(step, metrics)
-                if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                    self.save_checkpoint(step)
-        finally:
-            logger.close()
-        self._report(metrics)
-        return metrics
+    # ------------------------------------------------------------------ the collector contract
+    def collect(self, step: int) -> tuple[Batch, dict[str, Any]]:
+        t0 = time.perf_counter()
+        batch, metrics = self.collect_rollout()
+        self._rollout_s = time.perf_counter() - t0
+        return self.algo.compute_advantages(batch, self.num_steps, self.num_envs), metrics
 
-    # ------------------------------------------------------------------ stages
+    def batch_metrics(self, batch: Batch) -> dict[str, float]:
+        metrics = {f"train/{key}": float(batch.meta[key]) for key in ("valid_rows", "kept_groups", "outcome_mean")
+                   if key in batch.meta}
+        # The algorithm's view of the rollout before the update (e.g. PPO's explained variance).
+        return metrics | {f"train/{key}": float(value) for key, value in batch.meta.get("diagnostics", {}).items()}
+
+    def has_signal(self, batch: Batch) -> bool:
+        # GRPO drops groups whose outcomes are all equal; none left means nothing to learn from.
+        return batch.meta.get("valid_rows", 1) != 0
+
+    def progress(self, step: int, iteration_s: float) -> dict[str, float]:
+        return {"env_steps": step * self.num_envs * self.num_steps,
+                "perf/env_steps_per_s": self.num_envs * self.num_steps / self._rollout_s}
+
+    def weight_receivers(self) -> list[Any]:
+        return [self.envs] if self.rollout_in_env else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "env_states": self.envs.get_state(), "obs": self.obs,
+                "action_stats": self.action_stats}
+
+    def load_policy(self, folder: Path) -> None:
+        if self.rollout_in_env:
+            self.envs.load_policy(str(Path(folder) / checkpoint.POLICY))
+
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
+        self.envs.set_state(state["env_states"])
+        self.obs = state["obs"]
+        self.action_stats = state.get("action_stats")
+        super().load_state_dict(state, folder)
+
+    # ------------------------------------------------------------------ rollouts
     def collect_rollout(self) -> tuple[Batch, dict[str, float]]:
         """Runs ``num_steps`` env steps on every env; returns the time-major rollout batch."""
         if self.algo.episodic or self.obs is None:
@@ -258,37 +256,11 @@ class EmbodiedLoop:
         if self.rollout_in_env:
             self.envs.set_action_stats(self.action_stats["stats"], key)
 
-    def update(self, batch: Batch, step: int) -> dict[str, float]:
-        """One algorithm update on the actor group; returns its averaged metrics."""
-        lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps)
-        metrics = {"train/lr": lr}
-        for key in ("valid_rows", "kept_groups", "outcome_mean"):
-            if key in batch.meta:
-                metrics[f"train/{key}"] = float(batch.meta[key])
-        # The algorithm's view of the rollout before the update (e.g. PPO's explained variance).
-        metrics |= {f"train/{key}": float(value) for key, value in batch.meta.get("diagnostics", {}).items()}
-        if batch.meta.get("valid_rows", 1) == 0:
-            log.info("no informative rollouts this iteration: update skipped")
-            return metrics
-        per_rank = self.actor.update(batch, lr, step)
-        per_rank = per_rank if isinstance(per_rank, list) else [per_rank]
-        for key in per_rank[0]:
-            metrics[key] = float(np.mean([m[key] for m in per_rank]))
-        return metrics
-
-    def sync_weights(self) -> None:
-        """Copies trained weights to a separate rollout group (no-op when they are fused) and to
-        the env workers' replicas (placement.rollout_in_env)."""
-        if self.rollout is self.actor and not self.rollout_in_env:
-            return
-        weights = self.actor.get_weights()
-        if self.rollout is not self.actor:
-            self.rollout.set_weights(weights)
-        if self.rollout_in_env:
-            self.envs.set_weights(weights)
-
-    def evaluate(self, video_path: Path | None = None) -> dict[str, float]:
+    def evaluate(self, step: int = 0, last: bool = False, video_path: Path | None = None) -> dict[str, float]:
         """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes.
+
+        The final evaluation (``last``) saves an episode GIF unless ``trainer.save_video=false``;
+        ``video_path`` asks for one at any evaluation.
 
         The episodes run in rounds of ``eval_num_envs`` (one episode per eval env per round);
         every episode is fixed by its seed, so the result does not depend on the round size.
@@ -297,6 +269,8 @@ class EmbodiedLoop:
         the episodes run to the limit, so this asks whether the policy *stays* at the goal);
         ``eval/success_rate``, the headline, is ``success_once``.
         """
+        if video_path is None and last and self.cfg.trainer.save_video:
+            video_path = self._media("episode.gif")
         n = self.cfg.trainer.eval_episodes
         start = self.cfg.trainer.get("eval_seed_start")
         if start is None:
@@ -354,55 +328,12 @@ class EmbodiedLoop:
             save_video(frames, video_path)
         return once.float(), at_end, returns, lengths, tasks
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """Writes policy, optimizer, all RNG streams, env states and the current observations."""
-        tmp = checkpoint.begin(self.run_dir, step)
-        for group in self.policy_groups:
-            group.save(str(tmp / checkpoint.POLICY))
-        checkpoint.save_trainer_state(tmp, {
-            "step": step,
-            "controller_rng": checkpoint.capture_rng(),
-            "loop_rng": self.rng.bit_generator.state,
-            "env_states": self.envs.get_state(),
-            "obs": self.obs,
-            "action_stats": self.action_stats,
-        })
-        return checkpoint.commit(tmp, self.cfg.trainer.keep_checkpoints)
-
-    def _restore_or_reset(self) -> int:
-        """Loads the checkpoint ``resume`` names (returning its step), else starts at 0."""
-        folder = checkpoint.find_resume_checkpoint(self.cfg.resume, self.run_dir)
-        if folder is None:
-            return 0
-        state = checkpoint.load_trainer_state(folder)
-        self.load_policy(folder)
-        self.envs.set_state(state["env_states"])
-        self.obs = state["obs"]
-        self.action_stats = state.get("action_stats")
-        self.rng.bit_generator.state = state["loop_rng"]
-        checkpoint.restore_rng(state["controller_rng"])
-        source_run = folder.parent.parent
-        truncate_metrics(source_run / METRICS_FILE, self.run_dir / METRICS_FILE, state["step"])
-        print(f"resumed from {folder} (step {state['step']})")
-        return state["step"]
-
-    def load_policy(self, folder: Path) -> None:
-        """Loads a checkpoint's policy (weights, optimizer, RNG) into every policy group."""
-        for group in self.policy_groups:
-            group.load(str(Path(folder) / checkpoint.POLICY))
-        if self.rollout_in_env:
-            self.envs.load_policy(str(Path(folder) / checkpoint.POLICY))
-
     # ------------------------------------------------------------------ set-up
-    def _build_workers(self) -> None:
+    def build(self, placement: Placement, env_vars: dict[str, str]) -> None:
+        """Builds the env shards (in ``placement.pipeline_stages`` stages) and learns the spaces."""
         cfg = self.cfg
-        pc = cfg.placement
-        # The env role is a different worker class, so it never fuses with policy roles.
-        self.placement = Placement(PlacementSpec.from_config(pc), never_fuse={"env"})
         threads = cfg.trainer.torch_threads
-        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        stages = int(pc.get("pipeline_stages", 1))
+        stages = int(cfg.placement.get("pipeline_stages", 1))
         env_kwargs = {
             "env_cfg": OmegaConf.to_container(cfg.env, resolve=True),
             "include_final_obs": self.algo.needs_final_values,
@@ -415,57 +346,30 @@ class EmbodiedLoop:
 
         def env_group(sizes: dict[str, int], name: str) -> WorkerGroup:
             # Pipeline stages on the same devices split the env role's share between them.
-            return WorkerGroup(EnvWorker, self.placement.devices("env"), self.placement,
-                               self.placement.share("env") / stages, init_kwargs={**env_kwargs, **sizes},
+            return WorkerGroup(EnvWorker, placement.devices("env"), placement,
+                               placement.share("env") / stages, init_kwargs={**env_kwargs, **sizes},
                                name=name, env_vars=env_vars)
 
         eval_envs = cfg.trainer.get("eval_num_envs")
         self.num_eval_envs = int(eval_envs) if eval_envs is not None else min(cfg.trainer.eval_episodes, self.num_envs)
         self.envs = EnvStages(env_group, stages, self.num_envs, self.num_eval_envs)
-        spec = self.envs.spec()
-        self.max_episode_steps = spec["max_episode_steps"]
+        self.spec = self.envs.spec()
+        self.max_episode_steps = self.spec["max_episode_steps"]
         if cfg.env.max_episode_steps is None:
-            try:  # the env's own episode limit is known now
-                check_batch(self.algo, cfg, self.max_episode_steps)
-            except BaseException:
-                self.envs.shutdown()
-                self.placement.remove()
-                raise
-        self.obs_keys = list(spec["observation_space"].spaces)
-        self.policy_groups: list[WorkerGroup] = []
-        for roles in self.placement.fused_groups():
-            if "env" in roles:
-                continue
-            roles = list(roles) + (["ref"] if "rollout" in roles and self.algo.needs_ref else [])
-            group = WorkerGroup(
-                PolicyWorker, self.placement.devices(roles[0]), self.placement,
-                self.placement.share(roles[0]),
-                init_kwargs={
-                    "policy_cfg": OmegaConf.to_container(cfg.policy, resolve=True),
-                    "algo_cfg": OmegaConf.to_container(cfg.algo, resolve=True),
-                    "observation_space": spec["observation_space"],
-                    "action_space": spec["action_space"],
-                    "roles": roles,
-                    "seed": cfg.seed,
-                    "torch_threads": threads,
-                },
-                name="+".join(roles), env_vars=env_vars,
-            )
-            self.policy_groups.append(group)
-            if "rollout" in roles:
-                self.rollout = group
-            if "actor" in roles:
-                self.actor = group
-        if self.actor.world_size > 1:
-            self.actor.init_distributed(self.actor.rendezvous())
-        if self.rollout_in_env:
-            self.sync_weights()  # the replicas start from the actor's weights
+            check_batch(self.algo, cfg, self.max_episode_steps)  # the env's own episode limit is known now
+        self.obs_keys = list(self.spec["observation_space"].spaces)
+        self.num_steps = self.algo.rollout_steps(self.max_episode_steps)
+        # Pipelined rollout: env stages overlap with policy inference (not for scripted experts).
+        self.pipelined = self.envs.stages > 1 and not self.algo.uses_expert
+
+    def policy_workers(self) -> PolicyWorkers:
+        return PolicyWorkers(PolicyWorker, {"observation_space": self.spec["observation_space"],
+                                            "action_space": self.spec["action_space"]},
+                             with_ref=self.algo.needs_ref)
 
     def shutdown(self) -> None:
-        """Stops the worker groups and frees the placement group."""
-        for group in [self.envs, *self.policy_groups]:
-            group.shutdown()
-        self.placement.remove()
+        if self.envs is not None:
+            self.envs.shutdown()
 
     # ------------------------------------------------------------------ helpers
     def _fresh_seeds(self) -> list[int]:
@@ -474,10 +378,16 @@ class EmbodiedLoop:
     def _media(self, name: str) -> Path:
         return self.run_dir / "media" / name
 
-    def _report(self, metrics: dict[str, Any]) -> None:
+    def report(self, metrics: dict[str, Any]) -> None:
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, self._media("learning_curve.png"))
         print(f"final eval success rate: {metrics.get('eval/success_rate', float('nan')):.3f}")
         print(f"learning curve: {plot}")
         if (video := self._media("episode.gif")).exists():
             print(f"episode video: {video}")
         print(f"run dir: {self.run_dir}")
+
+
+def embodied_run(cfg: DictConfig, run_dir: Path, algo: Algorithm | None = None) -> Run:
+    """The run of ``cfg`` (policy x env x algorithm) in ``run_dir``, its workers built."""
+    algo = algo or check_config(cfg)
+    return Run(cfg, run_dir, algo, EnvCollector(cfg, run_dir, algo))

@@ -1,8 +1,8 @@
-"""The preference controller: sample images -> score / label -> update, for text-to-image policies.
+"""Online preference tuning of text-to-image policies: sample images -> score / label -> batch.
 
-One process runs this loop top to bottom; the policy lives in Ray worker groups (rollout samples
-trajectories, actor trains; colocated they are one worker). The preference source (prompts, a
-score, tie rules) runs here in the controller. Read ``PreferenceLoop.run`` first.
+The collector of the shared run skeleton (``rlplat.loops.skeleton.Run``): the policy lives in
+Ray worker groups (rollout samples trajectories, actor trains; colocated they are one worker);
+the preference source (prompts, a score, tie rules) runs here in the controller.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rlplat import checkpoint
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, Panel, RunLogger, plot_learning_curve, save_image_grid, truncate_metrics
-from rlplat.runtime.placement import Placement, PlacementSpec
-from rlplat.runtime.worker_group import WorkerGroup
+from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid
+from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
+from rlplat.runtime.placement import PlacementSpec
 from rlplat.workers.diffusion import DiffusionWorker
 
 log = logging.getLogger(__name__)
@@ -65,63 +64,57 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
     return algo
 
 
-class PreferenceLoop:
-    """Tunes a text-to-image policy online against a preference source with a PreferenceAlgorithm."""
+class OnlinePreferenceCollector(Collector):
+    """Samples from the text-to-image policy, scored and prepared by the preference source and
+    the algorithm (or, for diffusion SFT, the source's demonstrations)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, algo: PreferenceAlgorithm | None = None) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.algo = algo or check_preference_config(cfg)
+    progress_key = "samples"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, algo: PreferenceAlgorithm) -> None:
+        super().__init__(cfg, run_dir, algo)
         self.source = instantiate(cfg.preference, _convert_="all")
-        self.rng = np.random.default_rng(cfg.seed)
         self.samples = 0
-        self._build_workers()
+        self._rows, self._collect_s = 0, float("nan")
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict[str, Any]:
-        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
-        tc = self.cfg.trainer
-        start = self._restore_or_reset()
-        logger = RunLogger.from_config(self.cfg, self.run_dir, start)
-        self.logger = logger
-        metrics: dict[str, Any] = {}
-        try:
-            if start == 0 and tc.eval_at_start:
-                logger.log(0, {"samples": 0, **self.evaluate(0)})
-            for step in range(start + 1, tc.total_steps + 1):
-                t0 = time.perf_counter()
-                batch, metrics = self.collect()
-                t_collect = time.perf_counter() - t0
-                metrics |= self.update(batch, step)
-                self.sync_weights()
-                elapsed = time.perf_counter() - t0
-                metrics |= {
-                    "samples": self.samples,
-                    "perf/samples_per_s": metrics.pop("_rows") / elapsed,
-                    "perf/collect_s": t_collect,
-                    "perf/iteration_s": elapsed,
-                }
-                last = step == tc.total_steps
-                if last or (tc.eval_every and step % tc.eval_every == 0):
-                    metrics |= self.evaluate(step)
-                logger.log(step, metrics)
-                if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                    self.save_checkpoint(step)
-        finally:
-            logger.close()
-        self._report(metrics)
-        return metrics
+    def policy_workers(self) -> PolicyWorkers:
+        return PolicyWorkers(DiffusionWorker)
+
+    def batch_metrics(self, batch: Batch) -> dict[str, float]:
+        return {"train/rows": float(len(batch))}
+
+    def has_signal(self, batch: Batch) -> bool:
+        # Online pairs that all tied leave nothing to learn from.
+        return len(batch) > 0
+
+    def progress(self, step: int, iteration_s: float) -> dict[str, float]:
+        return {"samples": self.samples, "perf/samples_per_s": self._rows / iteration_s,
+                "perf/collect_s": self._collect_s}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "samples": self.samples, "algo": self.algo.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
+        self.samples = state["samples"]
+        super().load_state_dict(state, folder)
+        self.algo.load_state_dict(state["algo"])
 
     # ------------------------------------------------------------------ stages
-    def collect(self) -> tuple[Batch, dict[str, Any]]:
+    def collect(self, step: int) -> tuple[Batch, dict[str, Any]]:
         """This iteration's training batch: demonstrations (SFT) or scored, prepared samples."""
+        t0 = time.perf_counter()
+        batch, metrics = self._collect()
+        self._collect_s = time.perf_counter() - t0
+        return batch, metrics
+
+    def _collect(self) -> tuple[Batch, dict[str, Any]]:
         n = int(self.algo.cfg["batch_size"])
         k = self.algo.samples_per_prompt
         if k == 0:
             rows = n * int(self.algo.cfg["num_minibatches"])
             images, prompts = self.source.demonstrations(rows, seed=int(self.rng.integers(2**31 - 1)))
             self.samples += rows
-            return Batch({"images": torch.as_tensor(images)}, extras={"prompts": prompts}), {"_rows": rows}
+            self._rows = rows
+            return Batch({"images": torch.as_tensor(images)}, extras={"prompts": prompts}), {}
         prompts = [p for p in self.source.sample_prompts(n, self.rng) for _ in range(k)]
         noise = self.rng.integers(0, 2**31 - 1, size=len(prompts))
         if self.algo.share_noise:
@@ -129,9 +122,9 @@ class PreferenceLoop:
         traj = self.generate(prompts, noise, int(self.rng.integers(2**31 - 1)))
         scores = self.source.score(traj["images"].numpy(), prompts)
         self.samples += len(prompts)
+        self._rows = len(prompts)
         batch, metrics = self.algo.prepare(traj, scores, self.source, self.rng)
-        return batch, {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()), **metrics,
-                       "_rows": len(prompts)}
+        return batch, {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()), **metrics}
 
     def generate(self, prompts: list[str], noise_seeds: np.ndarray, seed: int,
                  guidance_scale: float | None = None) -> Batch:
@@ -141,22 +134,7 @@ class PreferenceLoop:
                          extras={"prompts": list(prompts)})
         return self.rollout.generate(requests, guidance_scale)
 
-    def update(self, batch: Batch, step: int) -> dict[str, float]:
-        """One algorithm update on the actor group; skipped when no row carries signal."""
-        lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps)
-        metrics = {"train/lr": lr, "train/rows": float(len(batch))}
-        if len(batch) == 0:
-            log.info("no informative pairs this iteration (all tied): update skipped")
-            return metrics
-        out = self.actor.update(batch, lr)
-        return metrics | (out[0] if isinstance(out, list) else out)
-
-    def sync_weights(self) -> None:
-        """Copies trained weights to a separate rollout group (no-op when they are fused)."""
-        if self.rollout is not self.actor:
-            self.rollout.set_weights(self.actor.get_weights())
-
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, last: bool = False) -> dict[str, float]:
         """Scores ``trainer.eval_episodes`` images of the held-out prompts, same seeds every time.
 
         The prompts cycle through ``eval_prompts``; noise and step seeds derive from ``seed`` only,
@@ -174,69 +152,7 @@ class PreferenceLoop:
         self.logger.log_media("eval/samples", grid, step=step)
         return {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std())}
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        """Writes policy, optimizer, RNG streams and the algorithm's controller state."""
-        tmp = checkpoint.begin(self.run_dir, step)
-        for group in self.policy_groups:
-            group.save(str(tmp / checkpoint.POLICY))
-        checkpoint.save_trainer_state(tmp, {
-            "step": step,
-            "samples": self.samples,
-            "controller_rng": checkpoint.capture_rng(),
-            "loop_rng": self.rng.bit_generator.state,
-            "algo": self.algo.state_dict(),
-        })
-        return checkpoint.commit(tmp, self.cfg.trainer.keep_checkpoints)
-
-    def _restore_or_reset(self) -> int:
-        folder = checkpoint.find_resume_checkpoint(self.cfg.resume, self.run_dir)
-        if folder is None:
-            return 0
-        state = checkpoint.load_trainer_state(folder)
-        for group in self.policy_groups:
-            group.load(str(folder / checkpoint.POLICY))
-        self.samples = state["samples"]
-        self.rng.bit_generator.state = state["loop_rng"]
-        self.algo.load_state_dict(state["algo"])
-        checkpoint.restore_rng(state["controller_rng"])
-        truncate_metrics(folder.parent.parent / METRICS_FILE, self.run_dir / METRICS_FILE, state["step"])
-        print(f"resumed from {folder} (step {state['step']})")
-        return state["step"]
-
-    # ------------------------------------------------------------------ set-up
-    def _build_workers(self) -> None:
-        cfg = self.cfg
-        self.placement = Placement(PlacementSpec.from_config(cfg.placement), never_fuse={"env"})
-        threads = cfg.trainer.torch_threads
-        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.policy_groups: list[WorkerGroup] = []
-        for roles in self.placement.fused_groups():
-            roles = [r for r in roles if r in ("rollout", "actor")]
-            if not roles:
-                continue
-            group = WorkerGroup(
-                DiffusionWorker, self.placement.devices(roles[0]), self.placement, self.placement.share(roles[0]),
-                init_kwargs={
-                    "policy_cfg": OmegaConf.to_container(cfg.policy, resolve=True),
-                    "algo_cfg": OmegaConf.to_container(cfg.algo, resolve=True),
-                    "roles": roles, "seed": cfg.seed, "torch_threads": threads,
-                },
-                name="+".join(roles), env_vars=env_vars,
-            )
-            self.policy_groups.append(group)
-            if "rollout" in roles:
-                self.rollout = group
-            if "actor" in roles:
-                self.actor = group
-
-    def shutdown(self) -> None:
-        """Stops the worker groups and frees the placement group."""
-        for group in self.policy_groups:
-            group.shutdown()
-        self.placement.remove()
-
-    def _report(self, metrics: dict[str, Any]) -> None:
+    def report(self, metrics: dict[str, Any]) -> None:
         media = self.run_dir / "media"
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, media / "learning_curve.png",
                                    panels=[Panel("reward", ("reward/mean", "eval/reward"))], x_key="samples")
@@ -246,3 +162,9 @@ class PreferenceLoop:
         if grids:
             print(f"eval grids: {grids[0]} ... {grids[-1]}")
         print(f"run dir: {self.run_dir}")
+
+
+def preference_run(cfg: DictConfig, run_dir: Path, algo: PreferenceAlgorithm | None = None) -> Run:
+    """The run of ``cfg`` (text-to-image policy x preference source x algorithm) in ``run_dir``."""
+    algo = algo or check_preference_config(cfg)
+    return Run(cfg, run_dir, algo, OnlinePreferenceCollector(cfg, run_dir, algo))

@@ -9,8 +9,8 @@ and on a GPU node::
 Roles with identical device lists fuse into one worker group (rollout and actor above share
 one policy worker, so no weights are synced), except roles the caller names in
 ``never_fuse`` (the env role: it is another worker class). Worker groups that share a device
-each get an equal fraction of it. Fractions only schedule: Ray does not limit memory, which is
-managed by offloading.
+each get an equal fraction of it. Fractions only schedule: Ray does not limit memory, and no
+role is offloaded, so a role that does not fit fails when it loads.
 """
 
 from __future__ import annotations
@@ -56,6 +56,32 @@ def parse_devices(spec: str | int | Sequence[int]) -> list[int]:
     if len(set(devices)) != len(devices):
         raise ValueError(f"bad device spec {spec!r}: repeats a device")
     return devices
+
+
+@dataclass
+class PlacementConfig:
+    """Where roles run: device indices per role (GPUs, or CPU bundles without GPUs)."""
+
+    # Name shown in logs.
+    name: str = "colocated"
+    # Bundles in the Ray placement group (GPUs when use_gpu, else CPU bundles).
+    num_devices: int = 1
+    # Reserve one GPU per bundle.
+    use_gpu: bool = False
+    # CPUs per bundle.
+    cpus_per_device: float = 1.0
+    # Role -> device spec ("0", "0-1", "0,2"); roles with equal specs share one worker group.
+    roles: dict[str, str] = field(
+        default_factory=lambda: {"env": "0", "rollout": "0", "actor": "0"}
+    )
+    # Env pipeline stages: K > 1 splits the envs into K groups stepped in turn, so one stage
+    # simulates while the policy acts for another (pipelined rollout); 1: all envs step together.
+    pipeline_stages: int = 1
+    # Each env worker holds a replica of the rollout policy and runs whole rollouts itself: one
+    # call per rollout instead of two per env step, for policies cheap next to the simulator
+    # (MLP/CNN on CPU). Replicas get weights after every update; each samples from its own
+    # stream, so the sampled actions depend on the number of env workers. Not with stages > 1.
+    rollout_in_env: bool = False
 
 
 @dataclass

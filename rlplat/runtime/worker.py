@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from rlplat.runtime.dispatch import Dispatch, register
 
 
@@ -36,9 +34,3 @@ class Worker:
     def pid(self) -> int:
         """Return the id of the process this worker runs in."""
         return os.getpid()
-
-    @register(Dispatch.ONE_TO_ALL)
-    def set_torch_threads(self, num_threads: int) -> int:
-        """Set torch's intra-op thread count in this worker's process; returns it."""
-        torch.set_num_threads(num_threads)
-        return torch.get_num_threads()

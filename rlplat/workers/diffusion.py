@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 
 from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.algos.optim import build_optimizer, set_lr
 from rlplat.batch import Batch
 from rlplat.runtime.dispatch import Dispatch, register
 from rlplat.runtime.worker import Worker
@@ -50,11 +51,7 @@ class DiffusionWorker(TrainedWeights, Worker):
         self.roles = set(roles)
         self.optimizer: torch.optim.Optimizer | None = None
         if "actor" in self.roles:
-            optim = self.algo.optim
-            self.optimizer = torch.optim.AdamW(
-                self.policy.param_groups(float(optim["lr"])), lr=float(optim["lr"]),
-                eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
-            )
+            self.optimizer = build_optimizer(self.policy.param_groups(float(self.algo.optim["lr"])), self.algo.optim)
         self.generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
 
     # ----------------------------------------------------------------- rollout role
@@ -81,12 +78,11 @@ class DiffusionWorker(TrainedWeights, Worker):
 
     # ----------------------------------------------------------------- actor role
     @register(Dispatch.SHARD_BY_BATCH)
-    def update(self, batch: Batch, lr: float) -> dict[str, float]:
-        """One algorithm update on this rank's rows."""
+    def update(self, batch: Batch, lr: float, iteration: int = 1) -> dict[str, float]:
+        """One algorithm update (training iteration ``iteration``, from 1) on this rank's rows."""
         if self.optimizer is None:
             raise RuntimeError(f"update() called on a worker with roles {sorted(self.roles)}, not actor")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.policy.train()
         try:
             return self.algo.update(self.policy, self.optimizer, batch, self.generator)

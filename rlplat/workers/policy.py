@@ -19,6 +19,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 
 from rlplat.algos.base import Algorithm
+from rlplat.algos.optim import build_optimizer, set_lr
 from rlplat.batch import Batch
 from rlplat.policies.base import ActionPolicy
 from rlplat.runtime.dispatch import Dispatch, register
@@ -68,12 +69,7 @@ class PolicyWorker(TrainedWeights, Worker):
             self.ref = copy.deepcopy(self.policy).requires_grad_(False).eval()
         self.optimizer: torch.optim.Optimizer | None = None
         if "actor" in self.roles:
-            base_lr = float(self.algo.optim["lr"])
-            groups = self.policy.param_groups(base_lr)
-            for group in groups:
-                # Annealing scales every group's lr by the same factor.
-                group["lr_scale"] = group["lr"] / base_lr if base_lr else 1.0
-            self.optimizer = torch.optim.Adam(groups, lr=base_lr, eps=self.algo.optim.get("eps", 1e-5))
+            self.optimizer = build_optimizer(self.policy.param_groups(float(self.algo.optim["lr"])), self.algo.optim)
         # Action statistics adopted from demonstrations (saved with checkpoints).
         self.action_stats: dict[str, Any] | None = None
         # Minibatch order and action sampling get their own streams, distinct per rank.
@@ -94,9 +90,9 @@ class PolicyWorker(TrainedWeights, Worker):
             result[key] = value
         if self.algo.needs_ref and "rollout" in self.roles:
             if self.ref is not None:
-                ref = self.ref.evaluate(obs, out.actions, out.extras)
+                ref = self.ref.evaluate_actions(obs, out.actions, out.extras)
             else:
-                ref = self.policy.evaluate_reference(obs, out.actions, out.extras)
+                ref = self.policy.evaluate_actions_reference(obs, out.actions, out.extras)
             result["ref_logprobs"] = ref.logprobs
         return result
 
@@ -113,8 +109,7 @@ class PolicyWorker(TrainedWeights, Worker):
         """One algorithm update (training iteration ``iteration``, from 1) on this rank's shard."""
         if self.optimizer is None:
             raise RuntimeError(f"update() called on a worker with roles {sorted(self.roles)}, not actor")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_lr(self.optimizer, lr)
         self.policy.train()
         distributed = self.world_size > 1
         metrics = self.algo.update(

@@ -2,9 +2,7 @@ import pytest
 import torch
 
 from rlplat.algos.advantages import (
-    ADVANTAGE_ESTIMATORS,
     gae,
-    get_advantage_estimator,
     group_normalized_advantages,
     nonuniform_group_mask,
     normalize,
@@ -147,11 +145,3 @@ def test_bad_group_size_names_both_numbers(fn):
     with pytest.raises(ValueError, match=r"B=6.*group_size=4"):
         fn(torch.zeros(6), 4)
 
-
-# ---------------------------------------------------------------------------- registry
-def test_registry():
-    assert set(ADVANTAGE_ESTIMATORS) == {"gae", "grpo"}
-    assert get_advantage_estimator("gae") is gae
-    assert get_advantage_estimator("grpo") is group_normalized_advantages
-    with pytest.raises(KeyError, match=r"'gae', 'grpo'"):
-        get_advantage_estimator("vtrace")

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlplat.algos.ppo import PPO
+from rlplat.algos.ppo import PPO, PPOConfig
 from rlplat.batch import Batch
-from rlplat.config import PPOConfig
 from rlplat.policies.mlp import ActorCritic
 
 OBS_SPACE = gym.spaces.Dict({"state": gym.spaces.Box(-1, 1, (3,), np.float32)})
@@ -18,7 +17,6 @@ ACTION_SPACE = gym.spaces.Box(-1, 1, (2,), np.float32)
 
 def make_ppo(**overrides) -> PPO:
     cfg = asdict(PPOConfig())
-    cfg.pop("_target_")
     cfg.update(overrides)
     return PPO(**cfg)
 

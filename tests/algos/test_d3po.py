@@ -20,7 +20,7 @@ def test_inside_the_band_matches_hand_computation():
     # rho_w = exp(0.05), rho_l = exp(-0.02): both inside [0.9, 1.1].
     logp_w = torch.tensor([0.05], requires_grad=True)
     logp_l = torch.tensor([-0.02], requires_grad=True)
-    loss = d3po_loss(logp_w, torch.zeros(1), logp_l, torch.zeros(1), beta=0.1, clip_eps=0.1)
+    loss = d3po_loss(logp_w, torch.zeros(1), logp_l, torch.zeros(1), beta=0.1, clip_coef=0.1)
     z = 0.1 * (0.05 - (-0.02))
     expected = -math.log(1 / (1 + math.exp(-z)))
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -35,7 +35,7 @@ def test_outside_the_band_is_clipped_and_has_zero_gradient():
     # rho_w = exp(0.5) > 1.1 -> 1.1; rho_l = exp(-0.5) < 0.9 -> 0.9.
     logp_w = torch.tensor([0.5], requires_grad=True)
     logp_l = torch.tensor([-0.5], requires_grad=True)
-    loss = d3po_loss(logp_w, torch.zeros(1), logp_l, torch.zeros(1), beta=0.1, clip_eps=0.1)
+    loss = d3po_loss(logp_w, torch.zeros(1), logp_l, torch.zeros(1), beta=0.1, clip_coef=0.1)
     z = 0.1 * (math.log(1.1) - math.log(0.9))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-z)), rel=1e-6)
     loss.sum().backward()
@@ -51,17 +51,17 @@ def test_one_side_clipped_keeps_the_other_gradient_and_reference_gets_none():
     assert ref.grad is None
 
 
-def test_clip_eps_must_be_a_fraction():
+def test_clip_coef_must_be_a_fraction():
     x = torch.zeros(1)
-    with pytest.raises(ValueError, match="clip_eps"):
-        d3po_loss(x, x, x, x, clip_eps=1.5)
+    with pytest.raises(ValueError, match="clip_coef"):
+        d3po_loss(x, x, x, x, clip_coef=1.5)
 
 
 def test_d3po_update_on_tiny_model_raises_preferred_likelihood(tmp_path):
     import numpy as np
 
-    from rlplat.algos.d3po import d3po_step_loss, label_pairs, sample_pairs
-    from rlplat.envs.preference.proxy import JpegCompressibility
+    from rlplat.algos.d3po import d3po_step_loss, order_pairs
+    from rlplat.envs.preference.proxy import JpegCompressibility, preference_labels
     from rlplat.policies.diffusion.pipeline import TextToImagePolicy
 
     torch.manual_seed(0)
@@ -69,12 +69,15 @@ def test_d3po_update_on_tiny_model_raises_preferred_likelihood(tmp_path):
                                      "text_hidden_size": 16}, cache_dir=str(tmp_path), device="cpu",
                                num_steps=3, guidance_scale=1.0, lora={"r": 4})
     prompts = ["a red circle", "two blue squares", "a green triangle", "three yellow squares"]
-    first, second = sample_pairs(policy, prompts, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    x_T = torch.randn((len(prompts), *policy.latent_shape), generator=generator)
+    first, second = (policy.sample_trajectory(prompts, generator=generator, latents=x_T) for _ in range(2))
     assert torch.equal(first["latents"][:, 0], second["latents"][:, 0])  # shared x_T
-    pairs, metrics = label_pairs(first, second, JpegCompressibility())
-    assert len(pairs) == 4 and metrics["pairs/kept_fraction"] == 1.0
-    # Preferred = smaller JPEG: check the ordering against the scores directly.
     size = JpegCompressibility()
+    a_preferred, keep = preference_labels(size(first["images"].numpy(), prompts), size(second["images"].numpy(), prompts))
+    pairs = order_pairs(first, second, a_preferred, keep)
+    assert len(pairs) == 4 and keep.all()
+    # Preferred = smaller JPEG: check the ordering against the scores directly.
     w_images = np.where(size(first["images"].numpy(), prompts)[:, None, None, None] >=
                         size(second["images"].numpy(), prompts)[:, None, None, None],
                         first["images"].numpy(), second["images"].numpy())
@@ -87,7 +90,7 @@ def test_d3po_update_on_tiny_model_raises_preferred_likelihood(tmp_path):
     for epoch in range(4):
         total = 0.0
         for k in range(3):
-            loss, m = d3po_step_loss(policy, pairs, k, beta=1.0, clip_eps=0.5)
+            loss, m = d3po_step_loss(policy, pairs, k, beta=1.0, clip_coef=0.5)
             if epoch == 0 and k == 0:
                 assert loss.item() == pytest.approx(math.log(2.0), abs=1e-5)  # policy == reference
                 assert m["kl"].item() == pytest.approx(0.0, abs=1e-8)
@@ -97,5 +100,5 @@ def test_d3po_update_on_tiny_model_raises_preferred_likelihood(tmp_path):
             total += loss.item()
         first_losses.append(total / 3)
     assert first_losses[-1] < first_losses[0] - 1e-3, first_losses
-    _, m = d3po_step_loss(policy, pairs, 0, beta=1.0, clip_eps=0.5)
+    _, m = d3po_step_loss(policy, pairs, 0, beta=1.0, clip_coef=0.5)
     assert m["implicit_acc"].item() > 0.5

@@ -36,7 +36,7 @@ def test_ddpo_update_raises_logprob_of_positive_advantage_samples(tmp_path):
                                num_steps=2, guidance_scale=1.0, lora={"r": 4})
     traj = policy.sample_trajectory(["a red circle"] * 4, generator=torch.Generator().manual_seed(0))
     advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    loss, metrics = ddpo_step_loss(policy, traj, 0, advantages, clip_range=0.2, kl_coef=0.1)
+    loss, metrics = ddpo_step_loss(policy, traj, 0, advantages, clip_coef=0.2, kl_coef=0.1)
     # On-policy start: ratio 1, loss = -mean(A) = 0, KL 0.
     assert metrics["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
     assert loss.item() == pytest.approx(0.0, abs=1e-5) and metrics["kl"].item() == pytest.approx(0.0, abs=1e-7)
@@ -44,13 +44,13 @@ def test_ddpo_update_raises_logprob_of_positive_advantage_samples(tmp_path):
     policy.train()
     for _ in range(5):
         for k in range(2):
-            loss, _ = ddpo_step_loss(policy, traj, k, advantages, clip_range=0.2)
+            loss, _ = ddpo_step_loss(policy, traj, k, advantages, clip_coef=0.2)
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
         gain = torch.stack([
             policy.step_logprob(traj["latents"][:, k], traj["next_latents"][:, k], traj["timesteps"][:, k],
-                                list(traj["prompts"])) - traj["log_probs"][:, k] for k in range(2)
+                                list(traj["prompts"])) - traj["logprobs"][:, k] for k in range(2)
         ]).sum(0)
     assert gain[advantages > 0].mean() > gain[advantages < 0].mean()

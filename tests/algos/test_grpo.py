@@ -5,15 +5,13 @@ import pytest
 import torch
 
 from rlplat.algos.base import BatchArithmeticError
-from rlplat.algos.grpo import GRPO, first_episode_mask
+from rlplat.algos.grpo import GRPO, GRPOConfig, first_episode_mask
 from rlplat.batch import Batch
-from rlplat.config import GRPOConfig
 from rlplat.policies.base import EvalOutput
 
 
 def make_grpo(**overrides) -> GRPO:
     cfg = asdict(GRPOConfig())
-    cfg.pop("_target_")
     cfg.update(overrides)
     return GRPO(**cfg)
 

@@ -4,14 +4,12 @@ import pytest
 import torch
 
 from rlplat.algos.base import BatchArithmeticError
-from rlplat.algos.ppo import PPO, bootstrap_next_values
+from rlplat.algos.ppo import PPO, PPOConfig, bootstrap_next_values
 from rlplat.batch import Batch
-from rlplat.config import PPOConfig
 
 
 def make_ppo(**overrides) -> PPO:
     cfg = asdict(PPOConfig())
-    cfg.pop("_target_")
     cfg.update(overrides)
     return PPO(**cfg)
 

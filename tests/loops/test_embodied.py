@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from rlplat.batch import Batch
 from rlplat.config import compose
 from rlplat.logging import read_metrics
-from rlplat.loops.embodied import EmbodiedLoop
+from rlplat.loops.embodied import EnvCollector, embodied_run
 from rlplat.train import run
 
 # 8 envs x 10 steps per iteration, 2 minibatches, 4 eval episodes.
@@ -51,7 +51,7 @@ def test_disaggregated_placement_with_separate_rollout_group_syncs_weights(ray_l
     # Env on device 0, rollout on device 0, actor on device 1: rollout and actor are two groups.
     cfg = compose([*SMALL, "placement=disaggregated", "placement.roles.rollout=0", "trainer.total_steps=2",
                    "trainer.eval_every=0", "trainer.save_video=false", "name=t"])
-    loop = EmbodiedLoop(cfg, tmp_path)
+    loop = embodied_run(cfg, tmp_path)
     try:
         assert loop.rollout is not loop.actor
         before = loop.rollout.get_weights()
@@ -83,7 +83,7 @@ def test_data_parallel_actor_workers_train(ray_local, tmp_path):
     cfg = compose([*SMALL, "placement.num_devices=2", "placement.cpus_per_device=0.5",
                    "placement.roles.env=0", "placement.roles.rollout=0-1", "placement.roles.actor=0-1",
                    "trainer.total_steps=2", "trainer.save_video=false"])
-    loop = EmbodiedLoop(cfg, tmp_path)
+    loop = embodied_run(cfg, tmp_path)
     try:
         assert loop.actor.world_size == 2
         loop.run()
@@ -218,10 +218,10 @@ def test_evaluation_in_rounds_equals_one_round(ray_local, tmp_path):
     for eval_envs, expected in (("null", 7), ("3", 3)):
         cfg = compose([*SMALL, "trainer.eval_episodes=7", f"trainer.eval_num_envs={eval_envs}",
                        "trainer.eval_seed_start=100", "trainer.save_video=false"])
-        loop = EmbodiedLoop(cfg, tmp_path / eval_envs)
+        loop = embodied_run(cfg, tmp_path / eval_envs)
         try:
-            assert loop.num_eval_envs == expected
-            results[expected] = loop.evaluate(video_path=tmp_path / f"{expected}.gif")
+            assert loop.collector.num_eval_envs == expected
+            results[expected] = loop.collector.evaluate(video_path=tmp_path / f"{expected}.gif")
         finally:
             loop.shutdown()
     assert results[3] == pytest.approx(results[7], abs=1e-5)
@@ -234,19 +234,19 @@ def test_pipelined_rollout_keeps_rows_aligned(ray_local, tmp_path):
     # for the other stage. The interleaving must not mix rows: in the toy task the gripper moves
     # by exactly 0.1 * clip(action) per step, so obs[t+1] follows from obs[t] and action[t].
     cfg = compose([*SMALL, "placement=pipelined", "trainer.total_steps=1", "trainer.save_video=false"])
-    loop = EmbodiedLoop(cfg, tmp_path)
+    loop = embodied_run(cfg, tmp_path)
     try:
-        assert loop.pipelined and loop.envs.stages == 2
-        batch, _ = loop.collect_rollout()
-        t, n = loop.num_steps, loop.num_envs
+        assert loop.collector.pipelined and loop.collector.envs.stages == 2
+        batch, _ = loop.collector.collect_rollout()
+        t, n = loop.collector.num_steps, loop.collector.num_envs
         state = batch["state"].reshape(t, n, -1)[..., :2]
         actions = batch["actions"].reshape(t, n, -1)
         done = (batch["terminated"] | batch["truncated"]).reshape(t, n)
         expected = (state[:-1] + 0.1 * actions[:-1].clamp(-1, 1)).clamp(-1, 1)
         torch.testing.assert_close(state[1:][~done[:-1]], expected[~done[:-1]], rtol=0, atol=1e-5)
         # The next rollout starts where this one stopped, on every stage.
-        assert loop.obs["state"].shape == (n, batch["state"].shape[-1])
-        second, _ = loop.collect_rollout()
+        assert loop.collector.obs["state"].shape == (n, batch["state"].shape[-1])
+        second, _ = loop.collector.collect_rollout()
         last = (state[-1] + 0.1 * actions[-1].clamp(-1, 1)).clamp(-1, 1)
         first_next = second["state"].reshape(t, n, -1)[0, :, :2]
         torch.testing.assert_close(first_next[~done[-1]], last[~done[-1]], rtol=0, atol=1e-5)
@@ -285,11 +285,11 @@ def test_env_stages_equal_one_env_group(ray_local):
         two.shutdown()
 
 
-def _local_policy(loop: EmbodiedLoop):
+def _local_policy(loop):
     """The actor's current policy, rebuilt in this process."""
     from hydra.utils import instantiate
 
-    spec = loop.envs.spec()
+    spec = loop.collector.envs.spec()
     policy = instantiate(OmegaConf.to_container(loop.cfg.policy, resolve=True),
                          observation_space=spec["observation_space"], action_space=spec["action_space"])
     policy.load_trainable_state_dict(loop.actor.get_weights())
@@ -301,21 +301,21 @@ def test_rollout_in_env_acts_with_the_actors_weights_and_keeps_rows_aligned(ray_
     # values of the recorded actions under the actor's weights), before and after an update.
     cfg = compose([*SMALL, "placement.rollout_in_env=true", "placement.num_devices=2", "placement.roles.env=0-1",
                    "placement.cpus_per_device=0.5", "trainer.total_steps=1", "trainer.save_video=false"])
-    loop = EmbodiedLoop(cfg, tmp_path)
+    loop = embodied_run(cfg, tmp_path)
     try:
-        assert loop.rollout_in_env and loop.envs.groups[0].world_size == 2
+        assert loop.collector.rollout_in_env and loop.collector.envs.groups[0].world_size == 2
         for iteration in (1, 2):
-            batch, metrics = loop.collect_rollout()
-            assert len(batch) == loop.num_steps * loop.num_envs
+            batch, metrics = loop.collector.collect_rollout()
+            assert len(batch) == loop.collector.num_steps * loop.collector.num_envs
             assert metrics["perf/rollout_act_s"] > 0 and metrics["perf/rollout_env_s"] > 0
             with torch.no_grad():
-                ev = _local_policy(loop).evaluate(batch, batch["actions"], {})
+                ev = _local_policy(loop).evaluate_actions(batch, batch["actions"], {})
             torch.testing.assert_close(ev.logprobs, batch["logprobs"], rtol=0, atol=1e-4)
             torch.testing.assert_close(ev.values, batch["values"], rtol=0, atol=1e-4)
             # Bootstrap values only where an episode ended (the toy truncates at 50 steps).
             ended = batch["terminated"] | batch["truncated"]
             assert bool((batch["final_values"][~ended] == 0).all())
-            t, n = loop.num_steps, loop.num_envs
+            t, n = loop.collector.num_steps, loop.collector.num_envs
             state, actions = batch["state"].reshape(t, n, -1)[..., :2], batch["actions"].reshape(t, n, -1)
             done = (batch["terminated"] | batch["truncated"]).reshape(t, n)
             expected = (state[:-1] + 0.1 * actions[:-1].clamp(-1, 1)).clamp(-1, 1)
@@ -393,7 +393,7 @@ def test_success_once_and_success_at_end_on_scripted_episodes(ignore_termination
     worker = EnvWorker(env_cfg={"_target_": "rlplat.envs.toy.ToyReachEnv", "num_objects": 1, "max_episode_steps": 40},
                        num_envs=1, num_eval_envs=2, include_final_obs=False,
                        eval_ignore_terminations=ignore_terminations)
-    loop = EmbodiedLoop.__new__(EmbodiedLoop)
+    loop = EnvCollector.__new__(EnvCollector)
     loop.envs, loop.rollout = worker, _ReachThenLeave(leave=[0], leave_at=25)
     loop.num_eval_envs, loop.max_episode_steps, loop.obs_keys = 2, 40, worker.obs_keys
     once, at_end, returns, lengths, tasks = loop._eval_round(np.array([3, 4]), None)

@@ -8,7 +8,7 @@ import torch
 
 from rlplat.config import compose
 from rlplat.logging import read_metrics
-from rlplat.loops.preference import PreferenceLoop, check_preference_config
+from rlplat.loops.preference import check_preference_config, preference_run
 from rlplat.train import run
 
 # The pretraining preset at 16 px, 3 DDIM steps, no guidance: seconds per iteration on one core.
@@ -54,7 +54,7 @@ def test_online_run_labels_samples_and_updates_lora_only(ray_local, tiny_cache, 
     cfg = compose([*TINY, "preference=jpeg_compressibility", f"algo={algo}", "algo.batch_size=4",
                    "algo.num_minibatches=2", "policy.lora.r=4", "trainer.total_steps=2", "trainer.eval_every=1",
                    "trainer.checkpoint_every=0"])
-    loop = PreferenceLoop(cfg, tmp_path, check_preference_config(cfg))
+    loop = preference_run(cfg, tmp_path, check_preference_config(cfg))
     try:
         base = {k: v for k, v in loop.actor.get_weights().items()}
         assert base and all("lora" in k for k in base)

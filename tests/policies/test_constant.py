@@ -19,7 +19,7 @@ def test_acts_the_constant_clipped_to_the_action_space():
 
 def test_evaluate_gives_a_loss_an_optimizer_can_step():
     policy = ConstantPolicy(OBS, gym.spaces.Box(-1, 1, (2,), np.float32))
-    ev = policy.evaluate({"state": torch.zeros(3, 3)}, torch.zeros(3, 2))
+    ev = policy.evaluate_actions({"state": torch.zeros(3, 3)}, torch.zeros(3, 2))
     loss = -(ev.logprobs + ev.entropy).mean()
     loss.backward()
     assert policy.dummy.grad is not None and ev.logprobs.shape == (3,)

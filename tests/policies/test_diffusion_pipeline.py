@@ -38,14 +38,14 @@ def test_trajectory_shapes_and_rescored_logprobs_match(cache):
     policy = make(cache, guidance_scale=2.0)
     traj = policy.sample_trajectory(["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0))
     assert traj["latents"].shape == (2, 4, 12, 8, 8) and traj["next_latents"].shape == (2, 4, 12, 8, 8)
-    assert traj["timesteps"].shape == (2, 4) and traj["log_probs"].shape == (2, 4)
+    assert traj["timesteps"].shape == (2, 4) and traj["logprobs"].shape == (2, 4)
     assert traj["images"].dtype == torch.uint8 and traj["images"].shape == (2, 16, 16, 3)
     assert torch.equal(traj["latents"][:, 1:], traj["next_latents"][:, :-1])
     # Rescoring a recorded step under the same weights gives the recorded log-prob (ratio 1).
     for k in range(4):
         logp = policy.step_logprob(traj["latents"][:, k], traj["next_latents"][:, k], traj["timesteps"][:, k],
                                    list(traj["prompts"]))
-        torch.testing.assert_close(logp, traj["log_probs"][:, k], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logp, traj["logprobs"][:, k], rtol=1e-4, atol=1e-4)
     # Same generator, same samples; a shared x_T gives the same start for a pair.
     again = policy.sample_trajectory(["a red circle", "two blue squares"], generator=torch.Generator().manual_seed(0))
     assert torch.equal(again["next_latents"], traj["next_latents"])

@@ -37,7 +37,7 @@ def test_state_policy_shapes_and_logprob_consistency():
     obs = _obs(8)
     out = policy.act(obs)
     assert out.actions.shape == (8, 2) and out.logprobs.shape == (8,) and out.values.shape == (8,)
-    ev = policy.evaluate(obs, out.actions)
+    ev = policy.evaluate_actions(obs, out.actions)
     torch.testing.assert_close(ev.logprobs, out.logprobs)
     # Diagonal Gaussian entropy: sum over dims of 0.5 * log(2 pi e sigma^2).
     expected = (0.5 * np.log(2 * np.pi * np.e) + policy.log_std).sum().expand(8)
@@ -80,7 +80,7 @@ def test_gradients_flow_to_actor_critic_and_log_std():
     torch.manual_seed(0)
     policy = ActorCritic(*_spaces(), obs_keys=["state", "instruction"], hidden_sizes=[16])
     obs = _obs(4)
-    ev = policy.evaluate(obs, torch.zeros(4, 2))
+    ev = policy.evaluate_actions(obs, torch.zeros(4, 2))
     (ev.logprobs.sum() + ev.values.sum()).backward()
     grads = {n: p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters()}
     assert grads["log_std"] and grads["actor.mlp.0.weight"] and grads["critic.mlp.0.weight"]

@@ -69,8 +69,8 @@ def test_act_returns_tokens_that_decode_to_the_actions(env, cache, obs) -> None:
     np.testing.assert_allclose(out.actions.numpy(), tok.decode(tokens.numpy()), atol=1e-6)
     low, high = tok.action_token_range
     assert bool(((tokens >= low) & (tokens <= high)).all())
-    # Sampled log-probs are those evaluate() recomputes with gradients.
-    ev = policy.evaluate(obs, out.actions, out.extras)
+    # Sampled log-probs are those evaluate_actions() recomputes with gradients.
+    ev = policy.evaluate_actions(obs, out.actions, out.extras)
     torch.testing.assert_close(ev.logprobs, out.logprobs, atol=1e-5, rtol=0)
     assert ev.logprobs.requires_grad
     # Fresh value head starts at exactly 0.
@@ -81,8 +81,8 @@ def test_evaluate_without_tokens_tokenises_the_actions(env, cache, obs) -> None:
     policy = make(env, cache)
     with torch.no_grad():
         out = policy.act(obs, deterministic=True)
-        by_tokens = policy.evaluate(obs, out.actions, out.extras).logprobs
-        by_actions = policy.evaluate(obs, out.actions, None).logprobs
+        by_tokens = policy.evaluate_actions(obs, out.actions, out.extras).logprobs
+        by_actions = policy.evaluate_actions(obs, out.actions, None).logprobs
     torch.testing.assert_close(by_actions, by_tokens)
 
 
@@ -105,7 +105,7 @@ def test_lora_trains_only_adapter_and_value_head(env, cache, obs) -> None:
     assert trainable and all("lora_" in n or "value_head" in n for n in trainable)
     with torch.no_grad():
         out = policy.act(obs)
-    ev = policy.evaluate(obs, out.actions, out.extras)
+    ev = policy.evaluate_actions(obs, out.actions, out.extras)
     (ev.logprobs.sum() + ev.values.sum()).backward()
     for name, p in policy.named_parameters():
         if p.requires_grad:
@@ -126,9 +126,9 @@ def test_reference_with_adapter_disabled_equals_the_base_model(env, cache, obs) 
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
         out = policy.act(obs)
-        adapted = policy.evaluate(obs, out.actions, out.extras).logprobs
-        reference = policy.evaluate_reference(obs, out.actions, out.extras).logprobs
-        expected = base.evaluate(obs, out.actions, out.extras).logprobs
+        adapted = policy.evaluate_actions(obs, out.actions, out.extras).logprobs
+        reference = policy.evaluate_actions_reference(obs, out.actions, out.extras).logprobs
+        expected = base.evaluate_actions(obs, out.actions, out.extras).logprobs
     torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
     # The adapter does change the policy, so the check above is not vacuous.
     assert (adapted - expected).abs().max() > 1e-4

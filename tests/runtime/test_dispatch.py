@@ -90,7 +90,6 @@ def test_register_marks_methods_including_inherited_ones() -> None:
         "pid": Dispatch.ONE_TO_ALL,
         "ping": Dispatch.ONE_TO_ALL,
         "rank_plus": Dispatch.ONE_TO_ALL,
-        "set_torch_threads": Dispatch.ONE_TO_ALL,
         "tag": Dispatch.SHARD_BY_BATCH,
         "total": Dispatch.ONE_TO_ALL,
     }

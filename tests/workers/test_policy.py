@@ -8,8 +8,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from rlplat.algos.ppo import PPOConfig
 from rlplat.batch import Batch
-from rlplat.config import PPOConfig
 
 OBS_SPACE = gym.spaces.Dict({"state": gym.spaces.Box(-1, 1, (3,), np.float32)})
 ACTION_SPACE = gym.spaces.Box(-1, 1, (2,), np.float32)
@@ -24,7 +24,7 @@ def _free_port() -> int:
 def _rank(rank: int, port: int, nan_rank: int, results: mp.Queue) -> None:
     from rlplat.workers.policy import PolicyWorker
 
-    algo_cfg = {**asdict(PPOConfig()), "num_minibatches": 2, "update_epochs": 1, "target_kl": None}
+    algo_cfg = {"_target_": "rlplat.algos.ppo.PPO", **asdict(PPOConfig()), "num_minibatches": 2, "update_epochs": 1, "target_kl": None}
     worker = PolicyWorker(rank, 2, policy_cfg={"_target_": "rlplat.policies.mlp.ActorCritic", "hidden_sizes": [8],
                                                       "normalize_obs": True},
                           algo_cfg=algo_cfg, observation_space=OBS_SPACE, action_space=ACTION_SPACE,

@@ -1,0 +1,129 @@
+"""The optimizer and the one optimizer step every algorithm takes.
+
+``build_optimizer`` makes AdamW (Adam when ``weight_decay`` is 0) over the policy's parameter
+groups, whatever is trainable (a LoRA adapter or every weight). ``OptimizerStep`` is the step:
+zero the gradients, back-propagate one loss or several accumulated ones, agree across
+data-parallel ranks whether every loss was finite, average the gradients, clip their global
+norm, and step; a step whose loss or gradient norm is not finite on any rank is skipped by all
+ranks (so none waits alone in the all-reduce) and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    """Adam settings shared by every algorithm."""
+
+    # Learning rate.
+    lr: float = 3e-4
+    # Adam epsilon.
+    eps: float = 1e-5
+    # Linearly anneal the learning rate to 0 over trainer.total_steps.
+    anneal_lr: bool = False
+    # Clip the global gradient norm to this value.
+    max_grad_norm: float = 0.5
+    # Decoupled weight decay (AdamW).
+    weight_decay: float = 0.0
+
+
+def annealed_lr(optim: Mapping[str, Any], step: int, total_steps: int) -> float:
+    """``optim["lr"]`` at iteration ``step``, decayed linearly to 0 at ``total_steps`` when ``optim["anneal_lr"]``."""
+    lr = float(optim["lr"])
+    if optim.get("anneal_lr", False):
+        lr *= max(0.0, 1.0 - step / max(total_steps, 1))
+    return lr
+
+
+def build_optimizer(param_groups: list[dict[str, Any]], optim: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups`` (each with its own ``lr``; with ``weight_decay`` 0 it is Adam).
+
+    Each group remembers its lr relative to ``optim["lr"]`` (``lr_scale``), so ``set_lr`` moves
+    every group by the same factor (a value head at its own lr keeps its ratio under annealing).
+    """
+    base_lr = float(optim["lr"])
+    for group in param_groups:
+        group["lr_scale"] = group["lr"] / base_lr if base_lr else 1.0
+    return torch.optim.AdamW(param_groups, lr=base_lr, eps=float(optim.get("eps", 1e-5)),
+                             weight_decay=float(optim.get("weight_decay", 0.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets every group's learning rate to ``lr`` times its ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class OptimizerStep:
+    """One optimizer step over one loss or several accumulated ones.
+
+    Args:
+        optimizer: the optimizer (``build_optimizer``).
+        max_grad_norm: global gradient-norm clip.
+        sync_grads: averages the gradients over data-parallel ranks (None: one rank).
+        sync_mean: averages a list of floats over those ranks (None: one rank).
+
+    Use ``step(loss)`` for a single loss, or ``begin()``, ``backward(loss)`` per accumulated
+    part and ``finish()``. ``skipped`` counts the steps not taken.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                 sync_grads: Callable[[], None] | None = None,
+                 sync_mean: Callable[[list[float]], list[float]] | None = None) -> None:
+        self.optimizer = optimizer
+        self.max_grad_norm = float(max_grad_norm)
+        self.sync_grads, self.sync_mean = sync_grads, sync_mean
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.skipped = 0
+        self._bad_loss: float | None = None
+
+    def begin(self) -> None:
+        """Starts a step: clears the gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_loss = None
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Back-propagates one (part of the) loss; False, and nothing back-propagated, if it is not finite."""
+        if self._bad_loss is not None or not torch.isfinite(loss):
+            if self._bad_loss is None:
+                self._bad_loss = float(loss.detach())
+            return False
+        loss.backward()
+        return True
+
+    def finish(self) -> float | None:
+        """Ends the step: the global gradient norm (before clipping), or None when skipped."""
+        bad = float(self._bad_loss is not None)
+        if self.sync_mean is not None:
+            bad = self.sync_mean([bad])[0]
+        if bad > 0:
+            return self._skip("non-finite loss %s (on this rank or another): step skipped", self._bad_loss)
+        if self.sync_grads is not None:
+            self.sync_grads()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            # Gradients are already averaged here, so every rank sees the same norm.
+            return self._skip("non-finite gradient norm %s: step skipped", float(grad_norm))
+        self.optimizer.step()
+        return float(grad_norm)
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        """``begin``, ``backward(loss)``, ``finish``."""
+        self.begin()
+        self.backward(loss)
+        return self.finish()
+
+    def _skip(self, message: str, value: Any) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        log.warning(message, value)
+

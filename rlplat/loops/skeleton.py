@@ -1,0 +1,249 @@
+"""The one run skeleton every loop shares, and the Collector contract that makes loops differ.
+
+A run: place and build workers -> restore or reset -> iterate (collect a batch -> update ->
+sync weights -> evaluate -> log -> checkpoint) -> report -> shutdown. What differs between an
+embodied run, online image-model preference tuning and (next) offline preference data is only
+how a training batch is collected and how the policy is evaluated: that is a ``Collector``.
+The skeleton owns the policy worker groups (rollout and actor roles, fused when they share
+devices), the update call, the weight sync, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from rlplat import checkpoint
+from rlplat.batch import Batch
+from rlplat.logging import METRICS_FILE, RunLogger, truncate_metrics
+from rlplat.runtime.placement import Placement, PlacementSpec
+from rlplat.runtime.worker_group import WorkerGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicyWorkers:
+    """What the skeleton builds the policy worker groups from (``Collector.policy_workers``)."""
+
+    # The Worker class (PolicyWorker, DiffusionWorker, ...).
+    worker_cls: type
+    # Constructor arguments beyond policy_cfg, algo_cfg, roles, seed and torch_threads.
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Roles this loop knows; other roles of the placement (e.g. env) get no policy worker.
+    roles: tuple[str, ...] = ("rollout", "actor")
+    # Whether the rollout group also scores a frozen reference ("ref" role).
+    with_ref: bool = False
+
+
+class Collector(abc.ABC):
+    """How a loop gets its training batches and evaluates its policy.
+
+    The skeleton calls, in order: ``build`` (its own workers, e.g. simulators), then
+    ``policy_workers`` (what the policy groups need), then ``attach`` (the built groups), and per
+    iteration ``collect`` -> ``batch_metrics`` / ``has_signal`` -> (update) -> ``progress`` ->
+    ``evaluate`` when due. ``state_dict`` / ``load_state_dict`` carry everything beyond the
+    policy workers that a resumed run needs to continue exactly.
+    """
+
+    #: The metric that counts training data (env steps, samples): the learning curve's x axis.
+    progress_key: ClassVar[str] = "samples"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, algo: Any) -> None:
+        self.cfg, self.run_dir, self.algo = cfg, Path(run_dir), algo
+        self.rng = np.random.default_rng(cfg.seed)
+        self.logger: RunLogger | None = None
+        self.rollout: WorkerGroup | None = None
+        self.actor: WorkerGroup | None = None
+        self.policy_groups: list[WorkerGroup] = []
+
+    def build(self, placement: Placement, env_vars: dict[str, str]) -> None:
+        """Builds the collector's own workers (none by default)."""
+
+    @abc.abstractmethod
+    def policy_workers(self) -> PolicyWorkers:
+        """The policy worker class and the arguments it needs from this collector."""
+
+    def attach(self, rollout: WorkerGroup, actor: WorkerGroup, policy_groups: list[WorkerGroup]) -> None:
+        """Receives the policy groups once they are built."""
+        self.rollout, self.actor, self.policy_groups = rollout, actor, policy_groups
+
+    @abc.abstractmethod
+    def collect(self, step: int) -> tuple[Batch, dict[str, Any]]:
+        """This iteration's training batch (ready for ``algo.update``) and its metrics."""
+
+    def batch_metrics(self, batch: Batch) -> dict[str, float]:
+        """Metrics of the batch as the update will see it."""
+        return {}
+
+    def has_signal(self, batch: Batch) -> bool:
+        """Whether the batch can move the policy (False: the update is skipped)."""
+        return True
+
+    @abc.abstractmethod
+    def progress(self, step: int, iteration_s: float) -> dict[str, float]:
+        """``progress_key`` and throughput after iteration ``step`` (which took ``iteration_s``)."""
+
+    @abc.abstractmethod
+    def evaluate(self, step: int, last: bool) -> dict[str, float]:
+        """Evaluation metrics of the current policy (``last``: the final evaluation of the run)."""
+
+    def weight_receivers(self) -> list[Any]:
+        """Groups beyond the rollout group that take the actor's weights after each update."""
+        return []
+
+    def load_policy(self, folder: Path) -> None:
+        """Loads a checkpoint's policy into the collector's own replicas (none by default)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores for this collector (the loop's random stream at least)."""
+        return {"loop_rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
+        """Restores ``state_dict`` (``folder``: the checkpoint, for workers that load from it)."""
+        self.rng.bit_generator.state = state["loop_rng"]
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Prints where the run's results are."""
+
+    def shutdown(self) -> None:
+        """Stops the collector's own workers."""
+
+
+class Run:
+    """One training run: ``Collector`` + policy workers + algorithm, placed by ``cfg.placement``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, algo: Any, collector: Collector) -> None:
+        self.cfg, self.run_dir, self.algo, self.collector = cfg, Path(run_dir), algo, collector
+        # The env role is a different worker class, so it never fuses with policy roles.
+        self.placement = Placement(PlacementSpec.from_config(cfg.placement), never_fuse={"env"})
+        threads = cfg.trainer.torch_threads
+        env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.policy_groups: list[WorkerGroup] = []
+        try:
+            collector.build(self.placement, env_vars)
+            self._build_policy_groups(collector.policy_workers(), env_vars)
+        except BaseException:
+            self.shutdown()
+            raise
+        collector.attach(self.rollout, self.actor, self.policy_groups)
+        if self.actor.world_size > 1:
+            self.actor.init_distributed(self.actor.rendezvous())
+        self.sync_weights(initial=True)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
+        tc, collector = self.cfg.trainer, self.collector
+        start = self.restore_or_reset()
+        logger = collector.logger = RunLogger.from_config(self.cfg, self.run_dir, start)
+        metrics: dict[str, Any] = {}
+        try:
+            if start == 0 and tc.eval_at_start:
+                # Step 0: the policy as loaded (e.g. an SFT checkpoint), before any update.
+                logger.log(0, {collector.progress_key: 0, **collector.evaluate(0, last=False)})
+            for step in range(start + 1, tc.total_steps + 1):
+                t0 = time.perf_counter()
+                batch, metrics = collector.collect(step)
+                metrics |= self.update(batch, step)
+                self.sync_weights()
+                elapsed = time.perf_counter() - t0
+                metrics |= {**collector.progress(step, elapsed), "perf/iteration_s": elapsed}
+                last = step == tc.total_steps
+                if last or (tc.eval_every and step % tc.eval_every == 0):
+                    metrics |= collector.evaluate(step, last)
+                logger.log(step, metrics)
+                if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    self.save_checkpoint(step)
+        finally:
+            logger.close()
+        collector.report(metrics)
+        return metrics
+
+    def update(self, batch: Batch, step: int) -> dict[str, float]:
+        """One algorithm update on the actor group; returns its metrics averaged over ranks."""
+        lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps)
+        metrics = {"train/lr": lr, **self.collector.batch_metrics(batch)}
+        if not self.collector.has_signal(batch):
+            log.info("nothing in this iteration's batch carries signal: update skipped")
+            return metrics
+        per_rank = self.actor.update(batch, lr, step)
+        per_rank = per_rank if isinstance(per_rank, list) else [per_rank]
+        return metrics | {key: float(np.mean([m[key] for m in per_rank])) for key in per_rank[0]}
+
+    def sync_weights(self, initial: bool = False) -> None:
+        """Copies the actor's weights to a separate rollout group (none when they are fused) and
+        to the collector's receivers; ``initial``: only the receivers (they start unset)."""
+        targets = [] if initial or self.rollout is self.actor else [self.rollout]
+        targets += self.collector.weight_receivers()
+        if targets:
+            weights = self.actor.get_weights()
+            for target in targets:
+                target.set_weights(weights)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        """Writes the policy groups (weights, optimizer, RNG) and the collector's state."""
+        tmp = checkpoint.begin(self.run_dir, step)
+        for group in self.policy_groups:
+            group.save(str(tmp / checkpoint.POLICY))
+        checkpoint.save_trainer_state(tmp, {"step": step, "controller_rng": checkpoint.capture_rng(),
+                                            **self.collector.state_dict()})
+        return checkpoint.commit(tmp, self.cfg.trainer.keep_checkpoints)
+
+    def restore_or_reset(self) -> int:
+        """Loads the checkpoint ``resume`` names (returning its step), else starts at 0."""
+        folder = checkpoint.find_resume_checkpoint(self.cfg.resume, self.run_dir)
+        if folder is None:
+            return 0
+        state = checkpoint.load_trainer_state(folder)
+        self.load_policy(folder)
+        self.collector.load_state_dict(state, folder)
+        checkpoint.restore_rng(state["controller_rng"])
+        truncate_metrics(folder.parent.parent / METRICS_FILE, self.run_dir / METRICS_FILE, state["step"])
+        print(f"resumed from {folder} (step {state['step']})")
+        return state["step"]
+
+    def load_policy(self, folder: Path) -> None:
+        """Loads a checkpoint's policy (weights, optimizer, RNG) into every policy group."""
+        for group in self.policy_groups:
+            group.load(str(Path(folder) / checkpoint.POLICY))
+        self.collector.load_policy(folder)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_policy_groups(self, spec: PolicyWorkers, env_vars: dict[str, str]) -> None:
+        cfg = self.cfg
+        for roles in self.placement.fused_groups():
+            roles = [r for r in roles if r in spec.roles]
+            if not roles:
+                continue
+            roles += ["ref"] if "rollout" in roles and spec.with_ref else []
+            group = WorkerGroup(
+                spec.worker_cls, self.placement.devices(roles[0]), self.placement, self.placement.share(roles[0]),
+                init_kwargs={
+                    "policy_cfg": OmegaConf.to_container(cfg.policy, resolve=True),
+                    "algo_cfg": OmegaConf.to_container(cfg.algo, resolve=True),
+                    **spec.init_kwargs,
+                    "roles": roles, "seed": cfg.seed, "torch_threads": cfg.trainer.torch_threads,
+                },
+                name="+".join(roles), env_vars=env_vars,
+            )
+            self.policy_groups.append(group)
+            if "rollout" in roles:
+                self.rollout = group
+            if "actor" in roles:
+                self.actor = group
+
+    def shutdown(self) -> None:
+        """Stops every worker group and frees the placement group."""
+        self.collector.shutdown()
+        for group in self.policy_groups:
+            group.shutdown()
+        self.placement.remove()

@@ -1,0 +1,194 @@
+"""Registries: every algorithm, env, policy and preference source declares itself where it is defined.
+
+A part is a class plus its config dataclass (the schema of its Hydra group)::
+
+    @dataclass
+    class MyAlgoConfig:
+        # Learning rate.
+        lr: float = 1e-3
+
+    @register("algo", "my_algo", MyAlgoConfig)
+    class MyAlgo(Algorithm): ...
+
+and one YAML, ``conf/algo/my_algo.yaml``, that holds only what the preset changes::
+
+    defaults:
+      - my_algo_schema
+      - _self_
+
+The schema is stored in Hydra's ConfigStore as ``<kind>/<name>_schema`` with ``_target_`` set to
+the class, so a misspelt key or a wrong type stops the run when the config is composed, and
+``hydra.utils.instantiate`` builds the part from it. Families whose module imports a model
+library (transformers, diffusers) register from a light ``config`` module beside it with
+``register(kind, name, schema, target="module.Class")``, so composing a config imports no model.
+
+Parts outside rlplat are found through the ``RLPLAT_PLUGINS`` environment variable (comma-separated
+module names) or the ``rlplat.plugins`` entry-point group: their modules are imported before the
+config is composed, and their YAML files join through ``hydra.searchpath``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+#: The Hydra groups a part can belong to.
+KINDS = ("policy", "env", "preference", "algo")
+
+#: Modules that define rlplat's own parts (the only place the core names a concrete family).
+BUILTIN_MODULES = (
+    "rlplat.algos.ppo",
+    "rlplat.algos.grpo",
+    "rlplat.algos.sft",
+    "rlplat.algos.d3po",
+    "rlplat.algos.ddpo",
+    "rlplat.algos.diffusion_sft",
+    "rlplat.envs.toy",
+    "rlplat.envs.maniskill",
+    "rlplat.envs.libero",
+    "rlplat.envs.preference.online",
+    "rlplat.policies.mlp",
+    "rlplat.policies.constant",
+    "rlplat.policies.openvla.config",
+    "rlplat.policies.diffusion.config",
+)
+
+PLUGINS_ENV = "RLPLAT_PLUGINS"
+PLUGINS_ENTRY_POINTS = "rlplat.plugins"
+
+T = TypeVar("T", bound=type)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One registered part: its group, name, config dataclass and the class the config builds."""
+
+    kind: str
+    name: str
+    schema: type
+    target: str
+    # Old key -> new key, for settings that were renamed (the old key is refused, naming the new).
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def schema_name(self) -> str:
+        """The name YAML files put in their defaults list."""
+        return f"{self.name}_schema"
+
+    def node(self) -> type:
+        """The schema with ``_target_`` naming the class (what the ConfigStore holds; one per part)."""
+        if self not in _NODES:
+            # Renamed keys stay in the schema as null, so setting one reaches refuse_renamed (a
+            # message naming the new key) instead of Hydra's "not in" error.
+            old_keys = [(old, Any, dataclasses.field(default=None)) for old, _ in self.renamed]
+            _NODES[self] = dataclasses.make_dataclass(
+                self.schema.__name__, [*old_keys, ("_target_", str, dataclasses.field(default=self.target))],
+                bases=(self.schema,))
+        return _NODES[self]
+
+
+_PARTS: dict[tuple[str, str], Part] = {}
+_NODES: dict[Part, type] = {}
+
+
+def register(kind: str, name: str, schema: type, *, target: str | None = None,
+             renamed: dict[str, str] | None = None) -> Callable[[T], T] | None:
+    """Declares a part.
+
+    As a class decorator (``target`` omitted) the decorated class is the target. Called with
+    ``target="package.module.Class"`` it registers at once and returns None (for families whose
+    class lives in a heavy module). ``renamed`` maps settings' old names to their new ones: a
+    config that still sets an old name stops with a message naming the new one.
+
+    Raises:
+        ValueError: unknown kind, a schema that is not a dataclass, or a name already taken by
+            another class.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"register: kind {kind!r} must be one of {KINDS}")
+    if not dataclasses.is_dataclass(schema):
+        raise ValueError(f"register({kind!r}, {name!r}): the schema {schema!r} must be a dataclass")
+    if any(f.name == "_target_" for f in dataclasses.fields(schema)):
+        raise ValueError(f"register({kind!r}, {name!r}): {schema.__name__} must not declare _target_; "
+                         f"the registry sets it to the registered class")
+
+    def add(path: str) -> None:
+        old = _PARTS.get((kind, name))
+        if old is not None and old.target != path:
+            raise ValueError(f"{kind} {name!r} is registered twice: {old.target} and {path}; rename one")
+        _PARTS[(kind, name)] = Part(kind, name, schema, path, tuple(sorted((renamed or {}).items())))
+
+    if target is not None:
+        add(target)
+        return None
+
+    def decorate(cls: T) -> T:
+        add(f"{cls.__module__}.{cls.__qualname__}")
+        return cls
+
+    return decorate
+
+
+def load_parts() -> None:
+    """Imports the modules that register parts: rlplat's own, then plugins (idempotent).
+
+    Raises:
+        ImportError: a plugin module named in RLPLAT_PLUGINS or an entry point does not import;
+            the message names where it was listed.
+    """
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"{PLUGINS_ENV} names module {module!r}, which does not import: {err}") from err
+    for entry in entry_points(group=PLUGINS_ENTRY_POINTS):
+        try:
+            entry.load()
+        except ImportError as err:
+            raise ImportError(f"entry point {entry.name!r} ({PLUGINS_ENTRY_POINTS}) does not import: {err}") from err
+
+
+def parts(kind: str | None = None) -> list[Part]:
+    """Registered parts, sorted by kind and name (after ``load_parts``)."""
+    return sorted((p for p in _PARTS.values() if kind is None or p.kind == kind), key=lambda p: (p.kind, p.name))
+
+
+def get(kind: str, name: str) -> Part:
+    """The part registered as ``kind`` ``name``.
+
+    Raises:
+        KeyError: not registered; the message lists the names that are.
+    """
+    try:
+        return _PARTS[(kind, name)]
+    except KeyError:
+        known = ", ".join(p.name for p in parts(kind)) or "none"
+        raise KeyError(f"no {kind} named {name!r} is registered (registered: {known})") from None
+
+
+def refuse_renamed(cfg: Any) -> None:
+    """Raises if a group of ``cfg`` (a composed run config) sets a renamed key; else drops the
+    renamed keys' null placeholders, so saved configs hold only the current names.
+
+    Raises:
+        ValueError: ``<group>.<old>`` was renamed to ``<group>.<new>``.
+    """
+    from omegaconf import open_dict
+
+    for part in _PARTS.values():
+        node = cfg.get(part.kind) if hasattr(cfg, "get") else None
+        if node is None or node.get("_target_") != part.target:
+            continue
+        for old, new in part.renamed:
+            if node.get(old) is not None:
+                raise ValueError(f"{part.kind}.{old} was renamed to {part.kind}.{new}: "
+                                 f"write {part.kind}.{new}={node.get(old)}")
+            with open_dict(node):
+                node.pop(old, None)
