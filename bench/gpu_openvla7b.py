@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from rlplat.algos.losses import ppo_policy_loss, value_loss
+from rlplat.policies.openvla.config import find_model_dir
 from rlplat.policies.openvla.modeling import OpenVLAForActionPrediction, instantiate_on, openvla_7b_config
-from rlplat.policies.openvla.policy import ensure_tiny, find_model_dir, load
+from rlplat.policies.openvla.policy import ensure_tiny, load
 
 
 def sync(device: torch.device) -> None:

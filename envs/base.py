@@ -198,6 +198,11 @@ class VectorEnv(gymnasium.vector.VectorEnv, abc.ABC):
         seeds = self._seeds(seed)
         return self.reset(seed=[seeds[i] for i in leaders])
 
+    def expert_actions(self, noise: float = 0.0) -> np.ndarray:
+        """A scripted expert's actions [N, A] for the current states, plus Gaussian ``noise`` (the
+        demonstrations of ``algo=sft``); envs without an expert raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no scripted expert (expert_actions); algo=sft needs one")
+
     def close_extras(self, **kwargs: Any) -> None:
         """Releases simulator resources; numpy envs have none."""
 

@@ -31,7 +31,9 @@ class ActOutput:
 
     # Env actions [B, A] (continuous) ready to send to the env.
     actions: torch.Tensor
-    # log pi(a|s) of the sampled actions [B], summed over action dims.
+    # log pi(a|s) of the sampled actions [B], summed over action dims; or [B, K], one per step
+    # for a policy whose action comes out of a chain of K stochastic steps (a diffusion policy's
+    # denoising steps: DPPO), which the losses treat as K ratios sharing the row's advantage.
     logprobs: torch.Tensor
     # V(s) [B], or None for policies without a critic.
     values: torch.Tensor | None = None
@@ -43,7 +45,7 @@ class ActOutput:
 class EvalOutput:
     """What ``ActionPolicy.evaluate_actions`` returns for given observations and actions."""
 
-    # log pi(a|s) [B] under the current parameters, summed over action dims.
+    # log pi(a|s) under the current parameters, shaped as ``ActOutput.logprobs`` ([B] or [B, K]).
     logprobs: torch.Tensor
     # Entropy of pi(.|s) [B].
     entropy: torch.Tensor
@@ -56,11 +58,6 @@ class ActionPolicy(nn.Module, abc.ABC):
 
     #: Whether ``values`` are produced (PPO needs a critic; GRPO does not).
     has_value: bool = True
-
-    @classmethod
-    def preflight(cls, **kwargs: Any) -> None:
-        """Checks, before any worker starts, what a constructor call with ``kwargs`` needs from
-        the machine (weights on disk, ...); raises ValueError/FileNotFoundError naming the fix."""
 
     @abc.abstractmethod
     def act(self, obs: Observation, deterministic: bool = False) -> ActOutput:
@@ -131,6 +128,11 @@ class DiffusionPolicy(nn.Module, abc.ABC):
         self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
     ) -> torch.Tensor:
         """log p(latents_prev | latents_t, t, cond) [B], reduced as the config names."""
+
+    @abc.abstractmethod
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser regresses for clean latents ``x0`` noised with ``noise`` at ``t``
+        (noise, velocity or x0, per the model's prediction type): the denoising loss's target."""
 
 
 # --------------------------------------------------------------------------- action statistics

@@ -140,7 +140,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     registry.load_parts()
     for part in registry.parts():
-        cs.store(group=part.kind, name=part.schema_name, node=part.node())
+        cs.store(group=part.kind, name=f"{part.name}_schema", node=part.node())
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

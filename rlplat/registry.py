@@ -1,30 +1,13 @@
 """Registries: every algorithm, env, policy and preference source declares itself where it is defined.
 
-A part is a class plus its config dataclass (the schema of its Hydra group)::
-
-    @dataclass
-    class MyAlgoConfig:
-        # Learning rate.
-        lr: float = 1e-3
-
-    @register("algo", "my_algo", MyAlgoConfig)
-    class MyAlgo(Algorithm): ...
-
-and one YAML, ``conf/algo/my_algo.yaml``, that holds only what the preset changes::
-
-    defaults:
-      - my_algo_schema
-      - _self_
-
-The schema is stored in Hydra's ConfigStore as ``<kind>/<name>_schema`` with ``_target_`` set to
-the class, so a misspelt key or a wrong type stops the run when the config is composed, and
-``hydra.utils.instantiate`` builds the part from it. Families whose module imports a model
-library (transformers, diffusers) register from a light ``config`` module beside it with
-``register(kind, name, schema, target="module.Class")``, so composing a config imports no model.
-
-Parts outside rlplat are found through the ``RLPLAT_PLUGINS`` environment variable (comma-separated
-module names) or the ``rlplat.plugins`` entry-point group: their modules are imported before the
-config is composed, and their YAML files join through ``hydra.searchpath``.
+A part is a class, its config dataclass (the schema of its Hydra group) and ``@register(kind,
+name, Config)``, plus one YAML naming ``<name>_schema`` that holds only what its preset changes
+(README, "Adding an algorithm ..."; tests/plugins/rlplat_example_parts.py). The schema is stored in
+Hydra's ConfigStore with ``_target_`` set to the class, so a misspelt key or a wrong type stops the
+run when the config is composed. Families whose module imports a model library register from a
+light ``config`` module beside it with ``target="module.Class"``, so the controller composes and
+checks a config without importing the model. Parts outside rlplat are found through
+``RLPLAT_PLUGINS`` (comma-separated module names) or the ``rlplat.plugins`` entry points.
 """
 
 from __future__ import annotations
@@ -42,21 +25,13 @@ KINDS = ("policy", "env", "preference", "algo")
 
 #: Modules that define rlplat's own parts (the only place the core names a concrete family).
 BUILTIN_MODULES = (
-    "rlplat.algos.ppo",
-    "rlplat.algos.grpo",
-    "rlplat.algos.sft",
-    "rlplat.algos.d3po",
-    "rlplat.algos.ddpo",
-    "rlplat.algos.diffusion_sft",
-    "rlplat.envs.toy",
-    "rlplat.envs.maniskill",
-    "rlplat.envs.libero",
-    "rlplat.envs.preference.online",
-    "rlplat.policies.mlp",
-    "rlplat.policies.constant",
-    "rlplat.policies.openvla.config",
-    "rlplat.policies.diffusion.config",
+    *(f"rlplat.algos.{name}" for name in ("ppo", "grpo", "sft", "d3po", "ddpo", "diffusion_sft")),
+    *(f"rlplat.envs.{name}" for name in ("toy", "maniskill", "libero", "preference.online")),
+    *(f"rlplat.policies.{name}" for name in ("mlp", "constant", "openvla.config", "diffusion.config")),
 )
+
+#: The contracts the core calls (envs/base.py, policies/base.py, rlplat/algos/base.py).
+CONTRACTS = ("ActionPolicy", "DiffusionPolicy", "VectorEnv", "Algorithm", "PreferenceAlgorithm")
 
 PLUGINS_ENV = "RLPLAT_PLUGINS"
 PLUGINS_ENTRY_POINTS = "rlplat.plugins"
@@ -74,11 +49,12 @@ class Part:
     target: str
     # Old key -> new key, for settings that were renamed (the old key is refused, naming the new).
     renamed: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def schema_name(self) -> str:
-        """The name YAML files put in their defaults list."""
-        return f"{self.name}_schema"
+    # Checks what building the part needs from this machine (weights on disk), run before any
+    # worker starts with the config's arguments; raises ValueError / FileNotFoundError naming the fix.
+    preflight: Callable[..., None] | None = None
+    # The contract the class implements (ActionPolicy, DiffusionPolicy, VectorEnv, ...), so the
+    # core can check a config without importing the class.
+    contract: str | None = None
 
     def node(self) -> type:
         """The schema with ``_target_`` naming the class (what the ConfigStore holds; one per part)."""
@@ -97,13 +73,16 @@ _NODES: dict[Part, type] = {}
 
 
 def register(kind: str, name: str, schema: type, *, target: str | None = None,
-             renamed: dict[str, str] | None = None) -> Callable[[T], T] | None:
+             renamed: dict[str, str] | None = None, preflight: Callable[..., None] | None = None,
+             contract: str | None = None) -> Callable[[T], T] | None:
     """Declares a part.
 
     As a class decorator (``target`` omitted) the decorated class is the target. Called with
     ``target="package.module.Class"`` it registers at once and returns None (for families whose
     class lives in a heavy module). ``renamed`` maps settings' old names to their new ones: a
-    config that still sets an old name stops with a message naming the new one.
+    config that still sets an old name stops with a message naming the new one. ``preflight``
+    checks the machine before any worker starts; ``contract`` names the interface the class
+    implements (derived from the class's bases in the decorator form).
 
     Raises:
         ValueError: unknown kind, a schema that is not a dataclass, or a name already taken by
@@ -117,18 +96,20 @@ def register(kind: str, name: str, schema: type, *, target: str | None = None,
         raise ValueError(f"register({kind!r}, {name!r}): {schema.__name__} must not declare _target_; "
                          f"the registry sets it to the registered class")
 
-    def add(path: str) -> None:
+    def add(path: str, implements: str | None) -> None:
         old = _PARTS.get((kind, name))
         if old is not None and old.target != path:
             raise ValueError(f"{kind} {name!r} is registered twice: {old.target} and {path}; rename one")
-        _PARTS[(kind, name)] = Part(kind, name, schema, path, tuple(sorted((renamed or {}).items())))
+        _PARTS[(kind, name)] = Part(kind, name, schema, path, tuple(sorted((renamed or {}).items())), preflight,
+                                    implements)
 
     if target is not None:
-        add(target)
+        add(target, contract)
         return None
 
     def decorate(cls: T) -> T:
-        add(f"{cls.__module__}.{cls.__qualname__}")
+        add(f"{cls.__module__}.{cls.__qualname__}",
+            contract or next((base.__name__ for base in cls.__mro__ if base.__name__ in CONTRACTS), None))
         return cls
 
     return decorate
@@ -173,6 +154,21 @@ def get(kind: str, name: str) -> Part:
         raise KeyError(f"no {kind} named {name!r} is registered (registered: {known})") from None
 
 
+def part_for(kind: str, target: str) -> Part | None:
+    """The part of ``kind`` whose class is at import path ``target`` (None: not registered)."""
+    return next((p for p in _PARTS.values() if p.kind == kind and p.target == target), None)
+
+
+def preflight(kind: str, node: Any) -> None:
+    """Runs the preflight of the part a config group (``_target_`` + arguments) builds, if any."""
+    from omegaconf import OmegaConf
+
+    args = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+    part = part_for(kind, args.pop("_target_", ""))
+    if part is not None and part.preflight is not None:
+        part.preflight(**args)
+
+
 def refuse_renamed(cfg: Any) -> None:
     """Raises if a group of ``cfg`` (a composed run config) sets a renamed key; else drops the
     renamed keys' null placeholders, so saved configs hold only the current names.
@@ -183,7 +179,7 @@ def refuse_renamed(cfg: Any) -> None:
     from omegaconf import open_dict
 
     for part in _PARTS.values():
-        node = cfg.get(part.kind) if hasattr(cfg, "get") else None
+        node = cfg.get(part.kind)
         if node is None or node.get("_target_") != part.target:
             continue
         for old, new in part.renamed:

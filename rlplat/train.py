@@ -13,6 +13,7 @@ import copy
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,75 +34,50 @@ def offline_defaults() -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Runs one training job in ``run_dir`` (also used by tests and benchmarks)."""
+    """Runs one training job in ``run_dir`` (also used by tests and benchmarks): an env run
+    (policy x env x algorithm) or a preference run (policy x preference source x algorithm)."""
     from hydra.errors import InstantiationException
 
     from rlplat.loops.embodied import check_config, embodied_run
+    from rlplat.loops.preference import check_preference_config, preference_run
     from rlplat.runtime.cluster import ClusterConfig, ray_session
 
     offline_defaults()
-    try:
-        registry.refuse_renamed(cfg)
-    except ValueError as err:
-        raise SystemExit(f"config error: {err}") from None
-    if cfg.get("preference") is not None:
-        return run_preference(cfg, run_dir)
-    if cfg.get("env") is None:
-        raise SystemExit("config error: the run has neither an env nor a preference source: "
-                         "choose env=<name> (e.g. env=toy) or preference=<name> (e.g. preference=shapes_fidelity)")
+    has_env, has_preference = cfg.get("env") is not None, cfg.get("preference") is not None
+    if has_env == has_preference:
+        raise SystemExit(
+            f"config error: env={cfg.env._target_} and preference={cfg.preference._target_} are both set; a run has "
+            f"one of them: drop the env with ~env on the command line (in an experiment: '- override /env: null')"
+            if has_env else "config error: the run has neither an env nor a preference source: choose env=<name> "
+                            "(e.g. env=toy) or preference=<name> (e.g. preference=shapes_fidelity)")
+    check, build = (check_preference_config, preference_run) if has_preference else (check_config, embodied_run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    warm_cfg = warm_start_config(cfg, run_dir)
+    warm_cfg = warm_start_config(cfg, run_dir) if has_env else None
     try:
         # Before Ray starts, so a bad config fails in seconds.
-        algo = check_config(cfg)
+        registry.refuse_renamed(cfg)
+        algo = check(cfg)
         warm_algo = check_config(warm_cfg) if warm_cfg is not None else None
     except (ValueError, FileNotFoundError, InstantiationException) as err:
         raise SystemExit(f"config error: {err}") from None
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))
-    with ray_session(cluster):
+    with ray_session(ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))):
         if warm_cfg is not None:
             warm_dir = run_dir / WARM_START_DIR
             if not (warm_dir / "checkpoints" / f"step_{warm_cfg.trainer.total_steps}").is_dir():
                 print(f"warm start: {warm_cfg.trainer.total_steps} SFT iterations in {warm_dir}")
-                warm = embodied_run(warm_cfg, warm_dir, warm_algo)
-                try:
-                    warm.run()
-                finally:
-                    warm.shutdown()
+                run_to_end(embodied_run(warm_cfg, warm_dir, warm_algo))
             cfg = copy.deepcopy(cfg)
             cfg.policy.init_from = str(warm_dir)
-        loop = embodied_run(cfg, run_dir, algo)
-        try:
-            return loop.run()
-        finally:
-            loop.shutdown()
+        return run_to_end(build(cfg, run_dir, algo))
 
 
-def run_preference(cfg: DictConfig, run_dir: Path) -> dict:
-    """Runs one text-to-image preference job (policy x preference source x algorithm) in ``run_dir``."""
-    from hydra.errors import InstantiationException
-
-    from rlplat.loops.preference import check_preference_config, preference_run
-    from rlplat.runtime.cluster import ClusterConfig, ray_session
-
-    if cfg.get("env") is not None:
-        raise SystemExit(f"config error: env={cfg.env._target_} and preference={cfg.preference._target_} are both "
-                         f"set; a run has one of them: drop the env with ~env on the command line (in an experiment: "
-                         f"'- override /env: null')")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def run_to_end(loop: Any) -> dict:
+    """``loop.run()``, then its workers are stopped whatever happened."""
     try:
-        algo = check_preference_config(cfg)
-    except (ValueError, FileNotFoundError, InstantiationException) as err:
-        raise SystemExit(f"config error: {err}") from None
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    cluster = ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))
-    with ray_session(cluster):
-        loop = preference_run(cfg, run_dir, algo)
-        try:
-            return loop.run()
-        finally:
-            loop.shutdown()
+        return loop.run()
+    finally:
+        loop.shutdown()
 
 
 WARM_START_DIR = "warm_start"

@@ -13,6 +13,9 @@ Every import counts, also those inside functions.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,26 @@ def test_families_import_only_the_core_types_their_contracts_name(path):
         elif name not in CORE_TYPES_FOR_FAMILIES:
             bad.append(f"line {line}: {name} (the core)")
     assert not bad, f"{path.relative_to(ROOT)} reaches outside its family: {bad}"
+
+
+def test_the_controller_imports_no_model_or_simulator_code():
+    """Composing and checking env and preference runs, and importing everything the controller
+    runs, leaves transformers, diffusers, peft and the simulators out of the process: the
+    families' heavy modules load only in the workers."""
+    code = (
+        "import sys\n"
+        "from rlplat.config import compose\n"
+        "from rlplat.loops.embodied import check_config\n"
+        "from rlplat.loops.preference import check_preference_config\n"
+        "import rlplat.train, rlplat.eval, rlplat.loops.skeleton, rlplat.workers.env, rlplat.workers.policy, "
+        "rlplat.workers.diffusion\n"
+        "check_config(compose(['experiment=quickstart']))\n"
+        "check_config(compose(['experiment=toy_mlp']))\n"
+        "check_preference_config(compose(['experiment=d3po_tiny']))\n"
+        "print(sorted(m for m in ('transformers', 'diffusers', 'peft', 'mani_skill', 'sapien', 'libero') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

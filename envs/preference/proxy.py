@@ -81,7 +81,7 @@ def _load_clip(model_dir: str | Path, device: str):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} is not a local CLIP model folder (no config.json); download it once on a machine with "
-            f"hub access (e.g. `huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir {folder}`) and copy it here"
+            f"hub access (e.g. `hf download yuvalkirstain/PickScore_v1 --local-dir {folder}`) and copy it here"
         )
     model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
     return model, CLIPProcessor.from_pretrained(folder, local_files_only=True)

@@ -1,8 +1,12 @@
-"""Config of the text-to-image diffusion family (light: composing a config imports no diffusers)."""
+"""Config of the text-to-image diffusion family and the check of its weights on disk (light:
+composing and validating a config imports no diffusers)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from rlplat.policies.lora import LoRAConfig
 from rlplat.registry import register
@@ -57,4 +61,28 @@ class DiffusionPolicyConfig:
     sample_batch_size: int = 64
 
 
-register("policy", "diffusion", DiffusionPolicyConfig, target="rlplat.policies.diffusion.pipeline.TextToImagePolicy")
+SD15_HINT = (
+    "download it once on a machine with hub access (e.g. `hf download "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /data/sd15 --include '*.json' '*.txt' "
+    "'*.safetensors'`), copy the folder here and pass policy.path=/data/sd15 or export SD15_PATH=/data/sd15"
+)
+
+
+def find_diffusion_dir(path: str | os.PathLike) -> Path:
+    """A local folder with ``unet/`` and ``scheduler/``; FileNotFoundError naming where to put it."""
+    folder = Path(path).expanduser()
+    missing = [p for p in ("unet/config.json", "scheduler/scheduler_config.json") if not (folder / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"policy.path={str(path)!r} is not a local diffusers model folder (missing {missing}): "
+                                f"{SD15_HINT}")
+    return folder
+
+
+def preflight(path: str | None = None, **_: Any) -> None:
+    """Fails before any worker starts when ``path`` is not a local diffusers folder."""
+    if path:
+        find_diffusion_dir(path)
+
+
+register("policy", "diffusion", DiffusionPolicyConfig, target="rlplat.policies.diffusion.pipeline.TextToImagePolicy",
+         preflight=preflight, contract="DiffusionPolicy")

@@ -20,6 +20,10 @@ import torch
 REDUCTIONS = ("mean", "sum")
 
 
+#: The scheduler prediction types the step and the training target understand.
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
 def _per_sample(values: torch.Tensor, timestep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``values[timestep]`` broadcast to ``like`` (timestep: a scalar or one per batch row)."""
     picked = values.to(like.device)[timestep.to(like.device)].to(like.dtype)
@@ -90,7 +94,7 @@ def ddim_step_with_logprob(
         x0 = a_t.sqrt() * sample - b_t.sqrt() * model_output
         eps = a_t.sqrt() * model_output + b_t.sqrt() * sample
     else:
-        raise ValueError(f"prediction_type={config.prediction_type!r} must be epsilon, sample or v_prediction")
+        raise ValueError(f"prediction_type={config.prediction_type!r} must be one of {PREDICTION_TYPES}")
     if config.thresholding:
         x0 = scheduler._threshold_sample(x0)
     elif config.clip_sample:
@@ -120,3 +124,17 @@ def ddim_step_with_logprob(
     dims = tuple(range(1, action.ndim))
     log_prob = log_prob.mean(dim=dims) if reduction == "mean" else log_prob.sum(dim=dims)
     return prev_sample.to(sample.dtype), log_prob
+
+
+def prediction_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses for clean ``x0`` noised with ``noise`` at timesteps ``t``: the
+    noise (epsilon), the velocity sqrt(a_t) eps - sqrt(1 - a_t) x0 (v_prediction) or x0 (sample),
+    per the scheduler's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"prediction_type={kind!r} must be one of {PREDICTION_TYPES}")

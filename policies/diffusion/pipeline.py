@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from rlplat.batch import Batch
 from rlplat.policies.base import DiffusionPolicy
 from rlplat.policies.cache import build_once, cached_folder
-from rlplat.policies.diffusion.logprob import ddim_step_with_logprob
+from rlplat.policies.diffusion.config import find_diffusion_dir
+from rlplat.policies.diffusion.logprob import ddim_step_with_logprob, prediction_target
 from rlplat.policies.lora import lora_rank, peft_lora_config
 
 _TINY_BUILD_VERSION = 3
@@ -38,13 +39,6 @@ _TINY_BUILD_VERSION = 3
 _PROMPT_CACHE_SIZE = 4096
 # Words of the tiny tokenizer: the shapes world's captions (envs/preference/shapes.py) and a few more.
 _TINY_WORDS = ["a", "an", "one", "two", "three", "four", "red", "green", "blue", "yellow", "purple", "orange", "pink", "white", "black", "gray", "brown", "cyan", "circle", "circles", "square", "squares", "triangle", "triangles", "on", "background", "of", "and", "the", "with", "image", "photo"]
-SD15_HINT = (
-    "download it once on a machine with hub access (e.g. `huggingface-cli download "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir /data/sd15 --include '*.json' '*.txt' "
-    "'*.safetensors'`), copy the folder here and pass policy.path=/data/sd15"
-)
-
-
 def build_tiny_tokenizer(save_dir: str | os.PathLike, max_length: int = 16):
     """A word-level tokenizer over ``_TINY_WORDS`` (pad/bos/eos/unk first), saved and reloaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -131,16 +125,6 @@ def ensure_tiny(cache_dir: str | os.PathLike | None, **build_args: Any) -> Path:
     return build_once(target, "unet/config.json", lambda tmp: build_tiny_diffusion(tmp, **build_args))
 
 
-def find_diffusion_dir(path: str | os.PathLike) -> Path:
-    """A local folder with ``unet/`` and ``scheduler/``; FileNotFoundError naming where to put it."""
-    folder = Path(path).expanduser()
-    missing = [p for p in ("unet/config.json", "scheduler/scheduler_config.json") if not (folder / p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"policy.path={str(path)!r} is not a local diffusers model folder (missing {missing}): "
-                                f"{SD15_HINT}")
-    return folder
-
-
 class TextToImagePolicy(DiffusionPolicy):
     """DDIM text-to-image sampler with per-step log-probs (the diffusion ``policy``).
 
@@ -224,12 +208,6 @@ class TextToImagePolicy(DiffusionPolicy):
         self.eval()
 
     # ------------------------------------------------------------------ training interface
-    @classmethod
-    def preflight(cls, path: str | None = None, **_: Any) -> None:
-        """Fails before any worker starts when ``path`` is not a local diffusers folder."""
-        if path:
-            find_diffusion_dir(path)
-
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """One optimizer group: the trainable UNet weights (LoRA or all) at ``lr``."""
         return [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": lr}]
@@ -391,6 +369,10 @@ class TextToImagePolicy(DiffusionPolicy):
         images = traj["images"].permute(0, 3, 1, 2).float() / 255.0
         latents = torch.cat([traj["latents"], traj["next_latents"][:, -1:]], dim=1)
         return images, latents, traj["logprobs"]
+
+    def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's regression target for ``x0`` noised with ``noise`` at ``t`` (its prediction type)."""
+        return prediction_target(self.scheduler, x0, noise, t)
 
     def step_logprob(self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
                      ) -> torch.Tensor:

@@ -459,7 +459,7 @@ _SAFETENSORS_DTYPES = {
 def _where_to_put_weights(path: Path, problem: str) -> str:
     return (
         f"OpenVLA weights not found in {path} ({problem}). On a machine with network access run "
-        f"`huggingface-cli download openvla/openvla-7b --local-dir {path}` (or copy the "
+        f"`hf download openvla/openvla-7b --local-dir {path}` (or copy the "
         f"model-*.safetensors shards and {INDEX_FILENAME} there), then pass policy.path={path}."
     )
 

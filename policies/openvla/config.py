@@ -1,8 +1,12 @@
-"""Config of the OpenVLA family (light: composing a config imports no model code)."""
+"""Config of the OpenVLA family and the checks of its weights on disk (light: composing and
+validating a config imports no model code)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from rlplat.policies.lora import LoRAConfig
 from rlplat.registry import register
@@ -66,4 +70,67 @@ class OpenVLAPolicyConfig:
     export_base: bool = True
 
 
-register("policy", "openvla", OpenVLAPolicyConfig, target="rlplat.policies.openvla.policy.OpenVLAPolicy")
+# Where an rlplat checkpoint's policy folder keeps its export, and the adapter inside an export.
+PRETRAINED_DIR = "pretrained"
+ADAPTER_DIR = "adapter"
+
+DOWNLOAD_HINT = (
+    "download the weights once on a machine with hub access, e.g. "
+    "`hf download openvla/openvla-7b --local-dir /data/openvla-7b`, copy the folder "
+    "here and pass policy.path=/data/openvla-7b or export OPENVLA_7B_PATH=/data/openvla-7b (a folder with config.json and *.safetensors; "
+    "timm-named Prismatic checkpoints convert with rlplat.policies.openvla.load_openvla_checkpoint)"
+)
+
+
+def resolve_pretrained(path: str | os.PathLike) -> Path:
+    """The exported model folder behind ``path``.
+
+    Accepts an export (``config.json`` or ``adapter/`` inside), an rlplat checkpoint's policy
+    folder or step folder (``.../step_N[/policy]``, using its ``pretrained/``), or a run folder
+    (its newest checkpoint).
+    """
+    folder = Path(path)
+    candidates = [folder, folder / PRETRAINED_DIR, folder / "policy" / PRETRAINED_DIR]
+    checkpoints = folder / "checkpoints"
+    if checkpoints.is_dir():
+        steps = sorted(
+            (p for p in checkpoints.glob("step_*") if p.name.removeprefix("step_").isdigit()),
+            key=lambda p: int(p.name.removeprefix("step_")),
+        )
+        if steps:
+            candidates.append(steps[-1] / "policy" / PRETRAINED_DIR)
+    for c in candidates:
+        if (c / "config.json").is_file() or (c / ADAPTER_DIR / "adapter_config.json").is_file():
+            return c
+    raise FileNotFoundError(
+        f"policy.init_from={str(path)!r}: no exported model there (looked for config.json or "
+        f"{ADAPTER_DIR}/ in {', '.join(str(c) for c in candidates)}); pass a run folder, a "
+        f"checkpoints/step_N folder, or a folder written by OpenVLAPolicy.save_pretrained"
+    )
+
+
+def find_model_dir(path: str | os.PathLike) -> Path:
+    """A local model folder: ``path`` itself, or a hub id's snapshot in the local HF cache."""
+    folder = Path(path).expanduser()
+    if (folder / "config.json").is_file():
+        return folder
+    if not folder.exists() and str(path).count("/") == 1:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(path), local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+            pass
+    raise FileNotFoundError(f"policy.path={str(path)!r} is not a local model folder: {DOWNLOAD_HINT}")
+
+
+def preflight(init_from: str | None = None, path: str | None = None, **_: Any) -> None:
+    """Fails in seconds when the weights ``init_from`` / ``path`` name are not on this machine."""
+    if init_from:
+        resolve_pretrained(init_from)
+    elif path:
+        find_model_dir(path)
+
+
+register("policy", "openvla", OpenVLAPolicyConfig, target="rlplat.policies.openvla.policy.OpenVLAPolicy",
+         preflight=preflight)

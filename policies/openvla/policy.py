@@ -43,6 +43,7 @@ from rlplat.policies.openvla.action_tokenizer import (
     save_stats,
     unnormalize,
 )
+from rlplat.policies.openvla.config import ADAPTER_DIR, find_model_dir, resolve_pretrained
 from rlplat.policies.openvla.modeling import (
     OpenVLAForActionPrediction,
     build_tiny_openvla,
@@ -51,21 +52,10 @@ from rlplat.policies.openvla.processor import OpenVLAProcessor
 
 log = logging.getLogger(__name__)
 
-# Where an rlplat checkpoint's policy folder keeps its export, and the adapter inside an export.
-PRETRAINED_DIR = "pretrained"
-ADAPTER_DIR = "adapter"
 TOKENS_KEY = "action_tokens"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bump when build_tiny_openvla changes what it writes, so stale caches are not reused.
 _TINY_BUILD_VERSION = 1
-
-DOWNLOAD_HINT = (
-    "download the weights once on a machine with hub access, e.g. "
-    "`huggingface-cli download openvla/openvla-7b --local-dir /data/openvla-7b`, copy the folder "
-    "here and pass policy.path=/data/openvla-7b or export OPENVLA_7B_PATH=/data/openvla-7b (a folder with config.json and *.safetensors; "
-    "timm-named Prismatic checkpoints convert with rlplat.policies.openvla.load_openvla_checkpoint)"
-)
-
 
 def tiny_cache_dir(cache_dir: str | os.PathLike | None, build_args: Mapping[str, Any]) -> Path:
     """The folder the tiny preset with ``build_args`` is cached in (not created here).
@@ -86,33 +76,6 @@ def source_is_openvla(folder: Path) -> bool:
     """Whether ``folder`` holds OpenVLA's own (remote-code) checkpoint, built straight on the device."""
     config = Path(folder) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "openvla"
-
-
-def resolve_pretrained(path: str | os.PathLike) -> Path:
-    """The exported model folder behind ``path``.
-
-    Accepts an export (``config.json`` or ``adapter/`` inside), an rlplat checkpoint's policy
-    folder or step folder (``.../step_N[/policy]``, using its ``pretrained/``), or a run folder
-    (its newest checkpoint).
-    """
-    folder = Path(path)
-    candidates = [folder, folder / PRETRAINED_DIR, folder / "policy" / PRETRAINED_DIR]
-    checkpoints = folder / "checkpoints"
-    if checkpoints.is_dir():
-        steps = sorted(
-            (p for p in checkpoints.glob("step_*") if p.name.removeprefix("step_").isdigit()),
-            key=lambda p: int(p.name.removeprefix("step_")),
-        )
-        if steps:
-            candidates.append(steps[-1] / "policy" / PRETRAINED_DIR)
-    for c in candidates:
-        if (c / "config.json").is_file() or (c / ADAPTER_DIR / "adapter_config.json").is_file():
-            return c
-    raise FileNotFoundError(
-        f"policy.init_from={str(path)!r}: no exported model there (looked for config.json or "
-        f"{ADAPTER_DIR}/ in {', '.join(str(c) for c in candidates)}); pass a run folder, a "
-        f"checkpoints/step_N folder, or a folder written by OpenVLAPolicy.save_pretrained"
-    )
 
 
 def load(
@@ -153,21 +116,6 @@ def load(
     processor_dir = folder if (folder / "tokenizer_config.json").is_file() else base
     stats = load_stats(folder) if (folder / STATS_FILENAME).is_file() else dict(vla.config.norm_stats)
     return model.eval(), OpenVLAProcessor.from_pretrained(processor_dir), vla.config.action_tokenizer(), stats
-
-
-def find_model_dir(path: str | os.PathLike) -> Path:
-    """A local model folder: ``path`` itself, or a hub id's snapshot in the local HF cache."""
-    folder = Path(path).expanduser()
-    if (folder / "config.json").is_file():
-        return folder
-    if not folder.exists() and str(path).count("/") == 1:
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(str(path), local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
-            pass
-    raise FileNotFoundError(f"policy.path={str(path)!r} is not a local model folder: {DOWNLOAD_HINT}")
 
 
 def _load_base(
@@ -339,14 +287,6 @@ class OpenVLAPolicy(ActionPolicy):
         self.norm_stats: dict[str, Any] = dict(stats)
         self.unnorm_key = resolve_unnorm_key(self.norm_stats, unnorm_key) if self.norm_stats else None
         self.eval()
-
-    @classmethod
-    def preflight(cls, **kwargs: Any) -> None:
-        """Fails in seconds when the weights ``path`` / ``init_from`` name are not on this machine."""
-        if kwargs.get("init_from"):
-            resolve_pretrained(kwargs["init_from"])
-        elif kwargs.get("path"):
-            find_model_dir(kwargs["path"])
 
     # ------------------------------------------------------------------ properties
     @property

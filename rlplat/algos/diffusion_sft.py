@@ -48,16 +48,7 @@ def denoising_loss(
     text = [("" if drop else p) for p, drop in zip(prompts, dropped.tolist())]
     x_t = scheduler.add_noise(x0, noise, t)
     pred = policy.unet(x_t, t, encoder_hidden_states=policy.encode_prompts(text)).sample
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    elif kind == "sample":
-        target = x0
-    else:
-        raise ValueError(f"prediction_type={kind!r} must be epsilon, v_prediction or sample")
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(pred.float(), policy.prediction_target(x0, noise, t).float())
 
 
 @dataclass

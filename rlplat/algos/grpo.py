@@ -25,9 +25,26 @@ from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
 from rlplat.registry import register
 
-_OUTCOMES = ("return", "success")
 _WEIGHTINGS = ("episode", "step")
 _KL_KINDS = ("k1", "k2", "k3")
+
+
+def discounted_return(batch: Batch, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Outcome ``return``: each env's first-episode return, discounted by ``gamma`` within it [N].
+
+    Every episode starts at t = 0 (episodic rollouts), so gamma^t discounts within it."""
+    num_steps = mask.shape[0]
+    discount = gamma ** torch.arange(num_steps, dtype=torch.float32)
+    return (batch["rewards"].view(mask.shape) * mask * discount.unsqueeze(1)).sum(0)
+
+
+def first_episode_success(batch: Batch, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Outcome ``success``: 1 where the env's first episode succeeded at any step, else 0 [N]."""
+    return (batch["success"].view(mask.shape) & mask).any(0).float()
+
+
+#: algo.outcome -> the episode score groups are normalised over.
+OUTCOMES = {"return": discounted_return, "success": first_episode_success}
 
 
 def first_episode_mask(dones: torch.Tensor) -> torch.Tensor:
@@ -91,8 +108,8 @@ class GRPO(Algorithm):
 
     def __init__(self, **cfg):
         super().__init__(**cfg)
-        if cfg["outcome"] not in _OUTCOMES:
-            raise ValueError(f"algo.outcome={cfg['outcome']!r} is not one of {_OUTCOMES}")
+        if cfg["outcome"] not in OUTCOMES:
+            raise ValueError(f"algo.outcome={cfg['outcome']!r} is not one of {tuple(OUTCOMES)}")
         if cfg["kl_kind"] not in _KL_KINDS:
             raise ValueError(f"algo.kl_kind={cfg['kl_kind']!r} is not one of {_KL_KINDS}")
         if cfg["loss_weighting"] not in _WEIGHTINGS:
@@ -134,12 +151,7 @@ class GRPO(Algorithm):
         shape = (num_steps, num_envs)
         dones = batch["terminated"].view(shape) | batch["truncated"].view(shape)
         mask = first_episode_mask(dones)
-        if self.cfg["outcome"] == "return":
-            # Every episode starts at t = 0 (episodic rollouts), so gamma^t discounts within it.
-            discount = self.cfg["gamma"] ** torch.arange(num_steps, dtype=torch.float32)
-            outcome = (batch["rewards"].view(shape) * mask * discount.unsqueeze(1)).sum(0)
-        else:
-            outcome = (batch["success"].view(shape) & mask).any(0).float()
+        outcome = OUTCOMES[self.cfg["outcome"]](batch, mask, float(self.cfg["gamma"]))
         group_size = self.cfg["group_size"]
         advantages = group_normalized_advantages(outcome, group_size, self.cfg["std_normalize"])
         keep = torch.ones(num_envs, dtype=torch.bool)

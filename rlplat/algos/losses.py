@@ -16,20 +16,27 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
 
     Args:
         x: any shape.
-        mask: bool or float weights of ``x``'s shape; ``None`` averages everything.
-            Masked-out elements do not leak even if they hold inf or NaN.
+        mask: bool or float weights of ``x``'s shape, or of its leading dims (rows [B] of
+            per-step values [B, K]: each step of a row gets the row's weight); ``None``
+            averages everything. Masked-out elements do not leak even if they hold inf or NaN.
 
     Returns:
         0-d tensor: ``sum(mask * x) / sum(mask)``, or 0 when the mask sums to 0.
     """
     if mask is None:
         return x.mean()
-    if mask.shape != x.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal x shape {tuple(x.shape)}")
-    w = mask.to(x.dtype)
+    if mask.shape != x.shape[: mask.ndim]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal x shape {tuple(x.shape)} or its leading dims")
+    w = rows_to(mask, x).to(x.dtype)
     weighted = torch.where(w != 0, x * w, torch.zeros_like(x))
     total = w.sum()
     return weighted.sum() / torch.where(total != 0, total, torch.ones_like(total))
+
+
+def rows_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row ``values`` [B] broadcast over the trailing dims of ``like`` [B, ...] (per-step
+    log-probs [B, K] of a policy whose action is a chain of K stochastic steps)."""
+    return values.reshape(*values.shape, *([1] * (like.ndim - values.ndim))).expand_as(like)
 
 
 def ppo_policy_loss(
@@ -45,8 +52,10 @@ def ppo_policy_loss(
     ``L = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
 
     Args:
-        logp: log pi_theta(a|s) [B], differentiable.
-        old_logp: log pi_theta_old(a|s) [B] from the rollout.
+        logp: log pi_theta(a|s) [B], differentiable; or per-step log-probs [B, K] of a chain of
+            K stochastic steps (a diffusion policy's denoising steps, DPPO), each step its own
+            ratio with the row's advantage.
+        old_logp: log pi_theta_old(a|s) from the rollout, shaped like ``logp``.
         advantages: A [B].
         clip_coef: eps, the half-width of the trust band around ratio 1.
         mask: rows that count [B] (bool or float); ``None`` counts all.
@@ -59,7 +68,7 @@ def ppo_policy_loss(
     """
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
-    A = advantages
+    A = rows_to(advantages, logp)
     pg_losses = torch.max(-A * ratio, -A * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef))
     loss = masked_mean(pg_losses, mask)
     with torch.no_grad():

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from rlplat import checkpoint
+from rlplat import checkpoint, registry
 from rlplat.algos.base import Algorithm
 from rlplat.batch import Batch
 from rlplat.logging import METRICS_FILE, plot_learning_curve, save_video
@@ -45,10 +45,11 @@ def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algor
     for role in ("env", "rollout", "actor"):
         if role not in roles:
             raise ValueError(f"placement.roles has no {role!r}: add placement.roles.{role}=<devices>")
-    policy_cls = get_class(cfg.policy._target_)
-    if hasattr(policy_cls, "preflight"):
-        policy_cls.preflight(**{k: v for k, v in OmegaConf.to_container(cfg.policy, resolve=True).items()
-                                if k != "_target_"})
+    part = registry.part_for("policy", cfg.policy._target_)
+    if part is not None and part.contract == "DiffusionPolicy":
+        raise ValueError(f"policy={part.name} makes images; env runs need an action policy (policy=mlp, cnn, "
+                         f"openvla_tiny, ...), or run it with a preference source instead of an env")
+    registry.preflight("policy", cfg.policy)
     eval_envs = cfg.trainer.get("eval_num_envs")
     if eval_envs is not None and int(eval_envs) < 1:
         raise ValueError(f"trainer.eval_num_envs={eval_envs} must be >= 1, or null for "

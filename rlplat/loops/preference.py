@@ -17,6 +17,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rlplat import registry
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
 from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid
@@ -38,13 +39,11 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
             f"algo._target_={cfg.algo._target_} trains action policies in environments, but this run has a "
             f"preference source (preference={cfg.preference._target_}): pick algo=d3po, ddpo or diffusion_sft"
         )
-    policy_cfg = OmegaConf.to_container(cfg.policy, resolve=True)
-    policy_cls = get_class(policy_cfg.pop("_target_"))
-    if not hasattr(policy_cls, "sample_trajectory"):
-        raise ValueError(f"policy._target_={policy_cls.__name__} is not a text-to-image policy; "
+    part = registry.part_for("policy", cfg.policy._target_)
+    if part is None or part.contract != "DiffusionPolicy":
+        raise ValueError(f"policy._target_={cfg.policy._target_} is not a registered text-to-image policy; "
                          f"preference runs need policy=diffusion_tiny, diffusion_tiny_shapes or sd15")
-    if hasattr(policy_cls, "preflight"):
-        policy_cls.preflight(**policy_cfg)
+    registry.preflight("policy", cfg.policy)
     if algo.samples_per_prompt == 0:
         prompts_cls = get_class(cfg.preference.prompts._target_)
         if not getattr(prompts_cls, "has_demonstrations", False):

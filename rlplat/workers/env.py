@@ -184,12 +184,7 @@ class EnvWorker(Worker):
     @register(Dispatch.ONE_TO_ALL)
     def expert_actions(self, noise: float = 0.0, split: str = "train") -> Batch:
         """The env's scripted expert actions for this shard (``actions``), with optional noise."""
-        env = self.envs[split]
-        if not hasattr(env, "expert_actions"):
-            raise NotImplementedError(
-                f"{type(env).__name__} has no scripted expert (expert_actions); algo=sft needs one"
-            )
-        return Batch({"actions": torch.as_tensor(env.expert_actions(noise=noise), dtype=torch.float32)})
+        return Batch({"actions": torch.as_tensor(self.envs[split].expert_actions(noise=noise), dtype=torch.float32)})
 
     @register(Dispatch.RANK_ZERO)
     def render(self, split: str = "eval", index: int = 0) -> np.ndarray:

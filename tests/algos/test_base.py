@@ -97,3 +97,32 @@ def test_recompute_old_logprobs_defaults_on_for_low_precision_weights():
     assert not ppo.recomputes_old_logprobs(policy)
     assert ppo.recomputes_old_logprobs(policy.to(torch.bfloat16))
     assert not make_ppo(recompute_old_logprobs=False).recomputes_old_logprobs(policy)
+
+
+class PerStepPolicy(ActorCritic):
+    """An ActorCritic whose log-probs stay per action dimension [B, K], as a policy whose action is
+    a chain of K stochastic steps reports them (the contract's per-step log-probs)."""
+
+    def act(self, obs, deterministic=False):
+        out = super().act(obs, deterministic)
+        dist = self._dist(obs)
+        out.logprobs = dist.log_prob(out.actions)
+        return out
+
+    def evaluate_actions(self, obs, actions, extras=None):
+        out = super().evaluate_actions(obs, actions, extras)
+        out.logprobs = self._dist(obs).log_prob(actions)
+        return out
+
+
+def test_ppo_update_takes_per_step_logprobs():
+    torch.manual_seed(0)
+    policy = PerStepPolicy(OBS_SPACE, ACTION_SPACE, hidden_sizes=(16,))
+    batch = rollout_batch(policy, rows=32)
+    assert batch["logprobs"].shape == (32, 2)
+    ppo = make_ppo(num_minibatches=2, update_epochs=2, target_kl=None)
+    before = params(policy)
+    metrics = ppo.update(policy, torch.optim.Adam(policy.parameters(), lr=1e-2), batch, torch.Generator().manual_seed(0))
+    assert metrics["train/minibatches"] == 4.0 and metrics["train/ratio_dev_first"] == pytest.approx(0.0, abs=1e-6)
+    assert np.isfinite(metrics["train/loss"]) and metrics["train/approx_kl"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, params(policy)))

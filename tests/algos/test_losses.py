@@ -27,6 +27,14 @@ def test_masked_mean_rejects_shape_mismatch():
         masked_mean(torch.zeros(4), torch.ones(2, dtype=torch.bool))
 
 
+def test_masked_mean_row_mask_weighs_every_step_of_a_row():
+    x = torch.tensor([[1.0, 3.0], [10.0, 20.0], [float("nan"), 5.0]])
+    # Rows 0 and 1 count; each of their two steps weighs the same.
+    assert masked_mean(x, torch.tensor([True, True, False])).item() == pytest.approx((1 + 3 + 10 + 20) / 4)
+    with pytest.raises(ValueError, match="leading dims"):
+        masked_mean(x, torch.ones(2, dtype=torch.bool))
+
+
 # ---------------------------------------------------------------------------- ppo
 def test_ppo_ratio_one_is_minus_mean_advantage():
     logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
@@ -61,6 +69,23 @@ def test_ppo_clipping_hand_numbers_and_zero_gradient_outside_band():
     assert metrics["approx_kl"].item() == pytest.approx((2 * k3_up + 2 * k3_down) / 4)
     assert metrics["approx_kl"].item() > 0
     assert metrics["ratio_mean"].item() == pytest.approx(1.0)
+
+
+def test_ppo_per_step_logprobs_are_ratios_sharing_their_rows_advantage():
+    # Two rows, three denoising steps each (DPPO): logp [B, K], advantages [B].
+    old_logp = torch.zeros(2, 3)
+    ratios = torch.tensor([[1.5, 1.0, 0.5], [1.1, 0.5, 1.0]])
+    logp = ratios.log().requires_grad_()
+    A = torch.tensor([1.0, -1.0])
+    loss, metrics = ppo_policy_loss(logp, old_logp, A, clip_coef=0.2)
+    # Row 0 (A=+1): max(-r, -clip r) = -1.2, -1.0, -0.5; row 1 (A=-1): max(r, clip r) = 1.1, 0.8, 1.0.
+    assert loss.item() == pytest.approx((-1.2 - 1.0 - 0.5 + 1.1 + 0.8 + 1.0) / 6)
+    # The same as stacking every step as its own row with the advantage repeated.
+    flat, _ = ppo_policy_loss(ratios.log().reshape(-1), old_logp.reshape(-1), A.repeat_interleave(3), 0.2)
+    assert loss.item() == pytest.approx(flat.item())
+    masked, _ = ppo_policy_loss(logp, old_logp, A, 0.2, mask=torch.tensor([True, False]))
+    assert masked.item() == pytest.approx((-1.2 - 1.0 - 0.5) / 3)
+    assert metrics["clipfrac"].item() == pytest.approx(3 / 6)  # 1.5, 0.5, 0.5 are outside the band
 
 
 def test_ppo_mask_excludes_rows():

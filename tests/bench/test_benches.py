@@ -220,3 +220,13 @@ def test_vla_decode_modes_bench_compares_greedy_and_sampled(tmp_path: Path, monk
         assert 0.0 <= row["success_at_end"] <= 1.0 and 0.0 <= row["success_once"] <= 1.0
     # Greedy decoding repeats a few action bins; sampling at T=1 rarely draws the same pair twice.
     assert rows["greedy"]["distinct_actions"] < rows["sampled T=1.0"]["distinct_actions"]
+
+
+def test_footprint_bench_measures_the_process_tree_of_a_toy_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "footprint.json"
+    run_main(load_script("footprint"), ["--families", "toy", "--out", str(out)], monkeypatch)
+    (row,) = json.loads(out.read_text())["rows"]
+    # Ray's processes and the workers are counted: the tree holds more than the controller alone.
+    assert row["tree_peak_mib"] > row["controller_peak_mib"] > 50
+    assert row["controller_heavy_modules"] == "[]"
+    assert 0 < row["startup_s"] < row["wall_s"]

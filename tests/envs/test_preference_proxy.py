@@ -132,5 +132,5 @@ def test_aesthetic_head_on_clip_embeddings(tmp_path):
 
 
 def test_missing_local_weights_say_where_to_put_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local CLIP model folder.*huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match="not a local CLIP model folder.*hf download"):
         PickScore(tmp_path / "nothing")

@@ -102,7 +102,7 @@ def test_config_errors_name_the_fix(tmp_path):
         run(compose([*TINY, "preference=jpeg_compressibility", "algo=ppo"]), tmp_path / "b")
     with pytest.raises(SystemExit, match="policy.lora.r>0"):
         run(compose([*TINY, "preference=jpeg_compressibility", "algo=d3po", "policy.lora.r=0"]), tmp_path / "c")
-    with pytest.raises(SystemExit, match="huggingface-cli download"):
+    with pytest.raises(SystemExit, match="hf download"):
         run(compose([*TINY, "policy=sd15", "policy.path=/nonexistent/sd15", "preference=pickscore", "algo=d3po"]),
             tmp_path / "d")
     prompts_only = compose([*TINY, "preference=jpeg_compressibility", "algo=diffusion_sft"])

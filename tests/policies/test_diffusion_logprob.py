@@ -99,3 +99,29 @@ def test_eta_zero_and_bad_arguments_are_refused():
     fresh = DDIMScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim_step_with_logprob(fresh, x, t, x, 1.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_target_is_what_the_unet_regresses(prediction_type):
+    from rlplat.policies.diffusion.logprob import prediction_target
+
+    scheduler = make_scheduler(prediction_type=prediction_type)
+    torch.manual_seed(0)
+    x0, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([10, 700])
+    a = scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction_type]
+    torch.testing.assert_close(prediction_target(scheduler, x0, noise, t), expected)
+    # Consistent with the step: the target at x_t = add_noise(x0, noise, t) recovers x0 there.
+    if prediction_type == "v_prediction":
+        x_t = scheduler.add_noise(x0, noise, t)
+        torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * expected, x0, rtol=1e-4, atol=1e-5)
+
+
+def test_prediction_target_refuses_unknown_types():
+    from rlplat.policies.diffusion.logprob import prediction_target
+
+    from types import SimpleNamespace
+
+    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
+    with pytest.raises(ValueError, match="prediction_type='flow' must be one of"):
+        prediction_target(scheduler, torch.zeros(1), torch.zeros(1), torch.tensor([0]))

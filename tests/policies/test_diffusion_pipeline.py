@@ -87,7 +87,7 @@ def test_lora_trains_only_the_adapter_and_disabling_it_gives_the_base(cache):
 
 
 def test_missing_sd15_folder_says_where_to_put_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local diffusers model folder.*huggingface-cli download.*policy.path="):
+    with pytest.raises(FileNotFoundError, match="not a local diffusers model folder.*hf download.*policy.path=.*SD15_PATH"):
         TextToImagePolicy(path=str(tmp_path / "sd15"), device="cpu")
     with pytest.raises(ValueError, match="eta"):
         TextToImagePolicy(tiny=TINY, cache_dir=str(tmp_path), device="cpu", eta=0.0)

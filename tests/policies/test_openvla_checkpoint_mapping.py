@@ -366,5 +366,5 @@ def test_meta_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download openvla/openvla-7b"):
+    with pytest.raises(FileNotFoundError, match="hf download openvla/openvla-7b"):
         load_openvla_checkpoint(tmp_path / "openvla-7b", nn.Module())

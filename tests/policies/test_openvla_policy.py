@@ -12,15 +12,8 @@ import torch
 from rlplat.batch import Batch
 from rlplat.envs.toy import ToyReachEnv
 from rlplat.policies.openvla import ActionTokenizer, compute_stats, load_stats
-from rlplat.policies.openvla.policy import (
-    ADAPTER_DIR,
-    TOKENS_KEY,
-    OpenVLAPolicy,
-    ensure_tiny,
-    load,
-    resolve_pretrained,
-    tiny_cache_dir,
-)
+from rlplat.policies.openvla.config import ADAPTER_DIR, resolve_pretrained
+from rlplat.policies.openvla.policy import TOKENS_KEY, OpenVLAPolicy, ensure_tiny, load, tiny_cache_dir
 
 TINY = {"image_size": 16, "vision_hidden_size": 16, "llm_hidden_size": 32, "llm_layers": 1, "vision_layers": 1}
 
@@ -183,7 +176,7 @@ def test_bad_inputs_name_the_field(env, cache, tmp_path) -> None:
     state_env = ToyReachEnv(num_envs=2, obs_mode="state")
     with pytest.raises(ValueError, match="obs_mode"):
         OpenVLAPolicy(state_env.single_observation_space, state_env.single_action_space, tiny=TINY)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download openvla/openvla-7b"):
+    with pytest.raises(FileNotFoundError, match="hf download openvla/openvla-7b"):
         make(env, cache, path=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="init_from"):
         make(env, cache, init_from=str(tmp_path))
