@@ -71,7 +71,7 @@ def measure(family: str, overrides: list[str]) -> dict:
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
-            if not first_step and line.lstrip().startswith("step") and not line.split()[1] == "0":
+            if not first_step and line.lstrip().startswith("step") and line.split()[1] != "0":
                 first_step.append(time.perf_counter() - t0)
 
     reader = threading.Thread(target=read, daemon=True)

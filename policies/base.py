@@ -115,24 +115,77 @@ class ActionPolicy(nn.Module, abc.ABC):
 
 
 class DiffusionPolicy(nn.Module, abc.ABC):
-    """A text-to-image sampler whose denoising steps have tractable log-probabilities."""
+    """A text-to-image denoiser whose sampling steps have tractable log-probabilities.
+
+    What the image algorithms call: sampling with the trajectory recorded (DDPO, D3PO), the
+    log-probability of one recorded step under the current weights, and the denoising-loss
+    pieces (noise clean latents, predict, the target), which diffusion SFT and Diffusion-DPO use.
+    Latents are the diffusion space [B, C, h, w]; images are uint8 [B, H, W, 3].
+    """
+
+    #: Images per denoiser batch when a caller samples more (the rollout worker splits requests).
+    sample_batch_size: int = 64
+    #: Whether ``adapter_disabled`` gives the reference model (LoRA) without a second copy.
+    reference_is_builtin: bool = False
+
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's latents (C, h, w)."""
 
     @abc.abstractmethod
-    def sample(
-        self, prompts: Sequence[str], generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns images [B, 3, H, W], latents per step [B, T+1, ...], step log-probs [B, T]."""
+    def sample_trajectory(self, prompts: Sequence[str], generator: torch.Generator | None = None,
+                          latents: torch.Tensor | None = None, guidance_scale: float | None = None) -> Any:
+        """Samples images for ``prompts`` (from ``latents`` = x_T when given) and records the chain: a
+        Batch with ``latents`` and ``next_latents`` [B, T, ...] (x_t, x_{t-1}), ``timesteps`` [B, T],
+        per-step ``logprobs`` [B, T], ``images`` and ``prompts`` (extras)."""
 
     @abc.abstractmethod
-    def step_logprob(
-        self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
-    ) -> torch.Tensor:
-        """log p(latents_prev | latents_t, t, cond) [B], reduced as the config names."""
+    def step_logprob(self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
+                     ) -> torch.Tensor:
+        """log p(latents_prev | latents_t, t, cond) [B] with gradients, reduced as the config names."""
+
+    @abc.abstractmethod
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, noise, t)``: clean latents noised at uniform training timesteps (the forward process)."""
+
+    @abc.abstractmethod
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The denoiser's conditional output at (x_t, t) for ``prompts``, with gradients (no guidance)."""
 
     @abc.abstractmethod
     def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the denoiser regresses for clean latents ``x0`` noised with ``noise`` at ``t``
-        (noise, velocity or x0, per the model's prediction type): the denoising loss's target."""
+        """What ``predict`` regresses for clean latents ``x0`` noised with ``noise`` at ``t`` (noise,
+        velocity or x0, per the model's prediction type): the denoising loss's target."""
+
+    @abc.abstractmethod
+    def images_to_latents(self, images: Any) -> torch.Tensor:
+        """uint8 images [B, H, W, 3] -> latents."""
+
+    @abc.abstractmethod
+    def latents_to_images(self, latents: torch.Tensor) -> Any:
+        """Latents -> uint8 images [B, H, W, 3] (numpy)."""
+
+    def adapter_disabled(self) -> Any:
+        """A context in which the policy is its reference model (needs ``reference_is_builtin``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no built-in reference")
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (default: every trainable weight at ``lr``)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights training changes: what checkpoints store and weight syncs copy."""
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Loads what ``trainable_state_dict`` returned (strictly)."""
+        self.load_state_dict(dict(state))
+
+    def save_pretrained(self, save_dir: str | os.PathLike) -> Path | None:
+        """Exports the policy in its ecosystem's format (None: nothing beyond the checkpoint)."""
+        return None
 
 
 # --------------------------------------------------------------------------- action statistics

@@ -363,12 +363,17 @@ class TextToImagePolicy(DiffusionPolicy):
             meta={"guidance_scale": g, "eta": self.eta, "reduction": self.reduction},
         )
 
-    def sample(self, prompts: Sequence[str], generator: torch.Generator | None = None
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        traj = self.sample_trajectory(prompts, generator)
-        images = traj["images"].permute(0, 3, 1, 2).float() / 255.0
-        latents = torch.cat([traj["latents"], traj["next_latents"][:, -1:]], dim=1)
-        return images, latents, traj["logprobs"]
+        """``(x_t, noise, t)``: ``x0`` noised with fresh noise at uniform training timesteps
+        (``generator`` draws both, on the CPU)."""
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+        return self.scheduler.add_noise(x0, noise, t), noise, t
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The UNet's conditional output (no guidance), with gradients."""
+        return self.unet(x_t, t, encoder_hidden_states=self.encode_prompts(list(prompts))).sample
 
     def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet's regression target for ``x0`` noised with ``noise`` at ``t`` (its prediction type)."""

@@ -32,22 +32,18 @@ def denoising_loss(
 ) -> torch.Tensor:
     """Mean squared error of the UNet's prediction on noised ``images`` (uint8 [B, H, W, 3]).
 
-    ``policy`` is a ``TextToImagePolicy`` (``images_to_latents``, ``encode_prompts``, ``unet``,
-    ``scheduler``). ``generator`` draws the noise, timesteps and prompt dropout (CPU).
+    ``policy`` is a ``DiffusionPolicy`` (``images_to_latents``, ``noised``, ``predict``,
+    ``prediction_target``). ``generator`` draws the noise, timesteps and prompt dropout (CPU).
     """
     if not 0.0 <= cond_dropout < 1.0:
         raise ValueError(f"cond_dropout={cond_dropout} must be in [0, 1)")
     if len(prompts) != len(images):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
     x0 = policy.images_to_latents(images)
-    device = x0.device
-    scheduler = policy.scheduler
-    noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator).to(device)
+    x_t, noise, t = policy.noised(x0, generator)
     dropped = torch.rand(len(prompts), generator=generator) < cond_dropout
     text = [("" if drop else p) for p, drop in zip(prompts, dropped.tolist())]
-    x_t = scheduler.add_noise(x0, noise, t)
-    pred = policy.unet(x_t, t, encoder_hidden_states=policy.encode_prompts(text)).sample
+    pred = policy.predict(x_t, t, text)
     return F.mse_loss(pred.float(), policy.prediction_target(x0, noise, t).float())
 
 

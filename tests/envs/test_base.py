@@ -22,7 +22,7 @@ class NoExpert(VectorEnv):
     def __init__(self) -> None:
         super().__init__(2, 5, spaces.Dict({"state": spaces.Box(-1, 1, (1,))}), spaces.Box(-1, 1, (1,)))
 
-    reset = step = get_state = set_state = render = lambda self, *a, **k: None  # noqa: E731
+    reset = step = get_state = set_state = render = lambda self, *a, **k: None
 
 
 def test_an_env_without_a_scripted_expert_says_sft_needs_one():
