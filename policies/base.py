@@ -53,7 +53,27 @@ class EvalOutput:
     values: torch.Tensor | None = None
 
 
-class ActionPolicy(nn.Module, abc.ABC):
+class TrainableModule(nn.Module):
+    """The training hooks every policy family shares; families override what they need."""
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, each with its ``lr`` (default: every trainable weight at ``lr``)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights training changes: what checkpoints store and weight syncs copy."""
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Loads what ``trainable_state_dict`` returned (strictly)."""
+        self.load_state_dict(dict(state))
+
+    def save_pretrained(self, save_dir: str | os.PathLike) -> Path | None:
+        """Exports the policy in its ecosystem's format (None: nothing beyond the checkpoint)."""
+        return None
+
+
+class ActionPolicy(TrainableModule, abc.ABC):
     """A stochastic policy (optionally with a critic) over batched observations."""
 
     #: Whether ``values`` are produced (PPO needs a critic; GRPO does not).
@@ -90,18 +110,6 @@ class ActionPolicy(nn.Module, abc.ABC):
         normalises its observations). ``reduce`` averages floats over data-parallel ranks holding
         equal shards, so every rank keeps the same statistics."""
 
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups, each with its ``lr`` (default: every trainable weight at ``lr``)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights training changes: what checkpoints store and weight syncs copy."""
-        return self.state_dict()
-
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Loads what ``trainable_state_dict`` returned (strictly)."""
-        self.load_state_dict(dict(state))
-
     def set_action_stats(self, stats: Mapping[str, Any], key: str) -> None:
         """Adopts action statistics computed from demonstrations (``compute_stats`` format).
 
@@ -109,12 +117,8 @@ class ActionPolicy(nn.Module, abc.ABC):
         the default ignores them (a Gaussian policy acts in env units directly).
         """
 
-    def save_pretrained(self, save_dir: str | os.PathLike) -> Path | None:
-        """Exports the policy in its ecosystem's format (None: nothing beyond the checkpoint)."""
-        return None
 
-
-class DiffusionPolicy(nn.Module, abc.ABC):
+class DiffusionPolicy(TrainableModule, abc.ABC):
     """A text-to-image denoiser whose sampling steps have tractable log-probabilities.
 
     What the image algorithms call: sampling with the trajectory recorded (DDPO, D3PO), the
@@ -170,22 +174,6 @@ class DiffusionPolicy(nn.Module, abc.ABC):
     def adapter_disabled(self) -> Any:
         """A context in which the policy is its reference model (needs ``reference_is_builtin``)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no built-in reference")
-
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups (default: every trainable weight at ``lr``)."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights training changes: what checkpoints store and weight syncs copy."""
-        return self.state_dict()
-
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Loads what ``trainable_state_dict`` returned (strictly)."""
-        self.load_state_dict(dict(state))
-
-    def save_pretrained(self, save_dir: str | os.PathLike) -> Path | None:
-        """Exports the policy in its ecosystem's format (None: nothing beyond the checkpoint)."""
-        return None
 
 
 # --------------------------------------------------------------------------- action statistics
