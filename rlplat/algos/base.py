@@ -235,6 +235,10 @@ class PreferenceAlgorithm(abc.ABC):
                 f"policy.lora.r={lora_rank}: set policy.lora.r>0, or algo.reference=sampled / algo.kl_coef=0"
             )
 
+    def check_source(self, data: Any) -> None:
+        """Checks that the run's training data (the source's prompt set) offers what the algorithm
+        trains on; called before Ray starts."""
+
     def prepare(self, traj: Batch, scores: np.ndarray, source: Any, rng: np.random.Generator
                 ) -> tuple[Batch, dict[str, float]]:
         """Turns scored trajectories into the training batch (in the controller); returns it and metrics."""

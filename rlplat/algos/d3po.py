@@ -76,6 +76,24 @@ def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.n
     return Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
 
 
+def _pair_logprobs(policy: Any, pairs: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [P] of denoising step ``step`` of the preferred (w) and the other (l) samples."""
+    t, prompts = pairs["timesteps"][:, step], list(pairs["prompts"])
+    return tuple(policy.step_logprob(pairs[f"{s}_latents"][:, step], pairs[f"{s}_next_latents"][:, step], t, prompts)
+                 for s in "wl")
+
+
+def _adapter_reference(policy: Any, pairs: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA adapter disabled: the pretrained model, as in D3PO."""
+    with torch.no_grad(), policy.adapter_disabled():
+        return _pair_logprobs(policy, pairs, step)
+
+
+# algo.reference -> (policy, pairs, step) -> reference log-probs (w [P], l [P]).
+REFERENCES = {"adapter": _adapter_reference,
+              "sampled": lambda policy, pairs, step: (pairs["w_logprobs"][:, step], pairs["l_logprobs"][:, step])}
+
+
 def d3po_step_loss(
     policy: Any, pairs: Batch, step: int, beta: float = 0.1, clip_coef: float = 0.1, reference: str = "adapter",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -84,18 +102,10 @@ def d3po_step_loss(
     ``reference``: "adapter" scores the reference with the policy's LoRA adapter disabled (the
     pretrained model, as in D3PO); "sampled" uses the log-probs recorded at sampling time.
     """
-    prompts = list(pairs["prompts"])
-    t = pairs["timesteps"][:, step]
-    logp_w = policy.step_logprob(pairs["w_latents"][:, step], pairs["w_next_latents"][:, step], t, prompts)
-    logp_l = policy.step_logprob(pairs["l_latents"][:, step], pairs["l_next_latents"][:, step], t, prompts)
-    if reference == "adapter":
-        with torch.no_grad(), policy.adapter_disabled():
-            ref_w = policy.step_logprob(pairs["w_latents"][:, step], pairs["w_next_latents"][:, step], t, prompts)
-            ref_l = policy.step_logprob(pairs["l_latents"][:, step], pairs["l_next_latents"][:, step], t, prompts)
-    elif reference == "sampled":
-        ref_w, ref_l = pairs["w_logprobs"][:, step].to(logp_w), pairs["l_logprobs"][:, step].to(logp_l)
-    else:
-        raise ValueError(f"reference={reference!r} must be 'adapter' or 'sampled'")
+    if reference not in REFERENCES:
+        raise ValueError(f"algo.reference={reference!r} must be one of {tuple(REFERENCES)}")
+    logp_w, logp_l = _pair_logprobs(policy, pairs, step)
+    ref_w, ref_l = (ref.to(logp_w) for ref in REFERENCES[reference](policy, pairs, step))
     loss = d3po_loss(logp_w, ref_w, logp_l, ref_l, beta, clip_coef)
     with torch.no_grad():
         log_ratio_w, log_ratio_l = logp_w - ref_w, logp_l - ref_l

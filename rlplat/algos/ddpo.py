@@ -92,7 +92,14 @@ def ddpo_step_loss(
     return loss, metrics
 
 
-ADVANTAGE_MODES = ("per_prompt", "group")
+# algo.advantage -> (algo, prompts, scores [B]) -> advantages [B]: normalised within the group_size
+# samples of each prompt (GRPO for diffusion) or by the prompt's running statistics (DDPO).
+ADVANTAGES = {
+    "group": lambda algo, prompts, scores: group_normalized_advantages(torch.as_tensor(scores, dtype=torch.float32),
+                                                                         algo.samples_per_prompt),
+    "per_prompt": lambda algo, prompts, scores: torch.as_tensor(algo.tracker.update(prompts, scores),
+                                                                dtype=torch.float32),
+}
 
 
 @dataclass
@@ -132,8 +139,9 @@ class DDPO(PreferenceAlgorithm):
 
     def __init__(self, **cfg: Any) -> None:
         super().__init__(**cfg)
-        if cfg["advantage"] not in ADVANTAGE_MODES:
-            raise ValueError(f"algo.advantage={cfg['advantage']!r} must be one of {ADVANTAGE_MODES}")
+        if cfg["advantage"] not in ADVANTAGES:
+            raise ValueError(f"algo.advantage={cfg['advantage']!r} must be one of {tuple(ADVANTAGES)}")
+        self.advantages = ADVANTAGES[cfg["advantage"]]
         self.samples_per_prompt = int(cfg["group_size"])
         if cfg["advantage"] == "group" and self.samples_per_prompt < 2:
             raise ValueError(f"algo.advantage=group needs algo.group_size >= 2 (got {self.samples_per_prompt}): "
@@ -147,10 +155,7 @@ class DDPO(PreferenceAlgorithm):
     def prepare(self, traj: Batch, scores: np.ndarray, source: Any, rng: np.random.Generator
                 ) -> tuple[Batch, dict[str, float]]:
         """Adds per-image ``advantages`` to the trajectories."""
-        if self.cfg["advantage"] == "group":
-            adv = group_normalized_advantages(torch.as_tensor(scores, dtype=torch.float32), self.samples_per_prompt)
-        else:
-            adv = torch.as_tensor(self.tracker.update(list(traj["prompts"]), scores), dtype=torch.float32)
+        adv = self.advantages(self, list(traj["prompts"]), scores)
         traj = traj.select(*(k for k in traj if k != "images"))
         traj["advantages"] = adv
         return traj, {"train/advantage_abs": float(adv.abs().mean())}

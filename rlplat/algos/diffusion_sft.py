@@ -77,6 +77,14 @@ class DiffusionSFT(PreferenceAlgorithm):
             raise ValueError(f"algo.batch_size={self.cfg['batch_size']} and algo.num_minibatches="
                              f"{self.cfg['num_minibatches']} must be >= 1")
 
+    def check_source(self, data: Any) -> None:
+        if not data.has_demonstrations:
+            raise ValueError(
+                f"diffusion_sft trains on captioned images, but the preference source's prompt set "
+                f"({type(data).__name__}) has prompts only: use a prompt set with "
+                f"demonstrations (rlplat.envs.preference.shapes.ShapesPrompts, e.g. preference=shapes_fidelity)"
+            )
+
     def update(
         self,
         policy: Any,

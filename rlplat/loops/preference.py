@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rlplat import registry
@@ -44,14 +44,8 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
         raise ValueError(f"policy._target_={cfg.policy._target_} is not a registered text-to-image policy; "
                          f"preference runs need policy=diffusion_tiny, diffusion_tiny_shapes or sd15")
     registry.preflight("policy", cfg.policy)
-    if algo.samples_per_prompt == 0:
-        prompts_cls = get_class(cfg.preference.prompts._target_)
-        if not getattr(prompts_cls, "has_demonstrations", False):
-            raise ValueError(
-                f"{type(algo).__name__} trains on captioned images, but preference.prompts._target_="
-                f"{cfg.preference.prompts._target_} has prompts only: use a prompt set with demonstrations "
-                f"(rlplat.envs.preference.shapes.ShapesPrompts, e.g. preference=shapes_fidelity)"
-            )
+    if "prompts" in cfg.preference:  # a prompt set is data only: cheap to build here
+        algo.check_source(instantiate(cfg.preference.prompts, _convert_="all"))
     for role in ("rollout", "actor"):
         if role not in cfg.placement.roles:
             raise ValueError(f"placement.roles has no {role!r}: add placement.roles.{role}=<devices>")

@@ -150,11 +150,6 @@ class PlacementSpec:
             groups.setdefault(key, []).append(role)
         return [tuple(roles) for roles in groups.values()]
 
-    def group_of(self, role: str, never_fuse: Iterable[str] = ()) -> tuple[str, ...]:
-        """The fused group that serves ``role``."""
-        self.devices(role)
-        return next(g for g in self.fused_groups(never_fuse) if role in g)
-
     def share(self, role: str, never_fuse: Iterable[str] = ()) -> float:
         """Fraction of a device each worker of ``role``'s group gets: 1 / (worker groups on
         the device), the smallest over the role's devices."""

@@ -51,7 +51,6 @@ def test_colocated_fuses_rollout_and_actor_but_never_env() -> None:
     # Two worker groups (env, policy) on each device: half a device each.
     assert [spec.share(r, never_fuse={"env"}) for r in COLOCATED] == [0.5, 0.5, 0.5]
     assert spec.share("env") == 1.0
-    assert spec.group_of("actor", never_fuse={"env"}) == ("rollout", "actor")
 
 
 def test_disaggregated_gives_each_group_a_whole_device() -> None:
