@@ -30,6 +30,8 @@ FAMILIES = {
     "toy": ["experiment=toy_mlp"],
     "vla": ["experiment=quickstart"],
     "diffusion": ["experiment=d3po_tiny"],
+    # The reference case (SD-shaped tiny model, JPEG score): 468 MiB controller, 1.74 GB tree before.
+    "diffusion_jpeg": ["experiment=d3po_tiny_jpeg"],
 }
 COMMON = ["trainer.total_steps=2", "trainer.eval_every=0", "trainer.eval_episodes=8", "trainer.save_video=false",
           "trainer.checkpoint_every=0", "logger.progress_bar=false"]
