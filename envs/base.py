@@ -57,6 +57,12 @@ def check_arg(ok: bool, name: str, message: str) -> None:
 Seed = int | Sequence[int] | np.ndarray | None
 
 
+class SimulatorDied(RuntimeError):
+    """A simulator process behind a VectorEnv exited (killed, crashed, out of memory); the message
+    names which process, the envs it held and how it exited. The run treats it as a dead worker
+    (``trainer.max_restarts``)."""
+
+
 def step_info(success: np.ndarray, done: np.ndarray, episode_return: np.ndarray, episode_length: np.ndarray,
               final_obs: Obs) -> dict[str, Any]:
     """The info dict of the contract for one step: the running return and length reported only

@@ -25,7 +25,7 @@ import numpy as np
 
 from rlplat.envs.base import Obs, check_arg
 from rlplat.envs.sim import SimVectorEnv, process_vector, spaces_of
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 #: Episode limits of the official OpenVLA / openpi LIBERO evaluation (longest demo + margin).
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
@@ -176,23 +176,23 @@ class LiberoEnvConfig:
     """Constructor arguments of envs/libero.py's LiberoEnv (see its docstring)."""
 
     # Parallel training envs in total, split evenly over the env workers.
-    num_envs: int = 2
+    num_envs: int = checked(2, ge=1)
     # libero_spatial, libero_object, libero_goal, libero_10 or libero_90.
     suite: str = "libero_spatial"
     # Tasks the seeds cycle over; null: every task of the suite.
     task_ids: list[int] | None = None
     # Camera side in pixels (rendered at this size).
-    image_size: int = 128
+    image_size: int = checked(128, ge=8)
     # Also return wrist_image.
     wrist_camera: bool = True
     # Episode limit; null: the suite's official one (spatial 220, object 280, goal 300, 10 520, 90 400).
-    max_episode_steps: int | None = None
+    max_episode_steps: int | None = checked(None, ge=1)
     # No-op steps after each reset while objects settle.
-    settle_steps: int = 10
+    settle_steps: int = checked(10, ge=0)
     # async (subprocesses) or sync (all in the worker process).
     vector: str = "async"
     # async: scenes per subprocess, stepped in turn (1: a process per scene).
-    envs_per_process: int = 1
+    envs_per_process: int = checked(1, ge=1)
     # Start method of the async vector (forkserver, spawn or fork).
     context: str | None = "forkserver"
     # Success does not end the episode (episodes always run max_episode_steps).

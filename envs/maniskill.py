@@ -50,7 +50,7 @@ import numpy as np
 
 from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg, group_leaders
 from rlplat.envs.sim import GroupedProcessVector, ProcessVector, SimVectorEnv, copy_sources, process_vector, spaces_of
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 OBS_MODES = ("state", "rgb", "rgbd")
 REWARD_MODES = ("sparse", "dense", "normalized_dense")
@@ -262,6 +262,10 @@ class _ManiSkillHandle:
     def restore(self, snap: dict[str, Any]) -> None:
         _restore(self.base, snap)
 
+    def dead(self) -> list[tuple[int, int, slice]]:
+        """Simulator processes that exited: none (the scenes live in this process)."""
+        return []
+
     def close(self) -> None:
         self.env.close()
 
@@ -271,22 +275,50 @@ class SingleManiSkill(_ManiSkillHandle, gymnasium.Env):
 
     Auto-reset is left to the owner (``reset(options={"reset_mask": ...})`` of the vector env),
     so ``success`` is read before any reset. ``snapshot``/``restore`` carry the simulator state,
-    ManiSkill's RNGs and the step counter, for checkpoints (PhysX's solver caches are not part of
-    the state: a restored episode agrees to ~1e-5, the episodes after it exactly).
+    ManiSkill's RNGs and the step counter, for checkpoints. PhysX's solver caches (warm starts,
+    contacts) are not part of the simulator state, so setting the state mid-episode continues only
+    to ~1e-5; a snapshot therefore also holds how the episode began (the reset's seed and the RNGs
+    it drew from, or the state it was copied from) and the actions taken since, and ``restore``
+    repeats them: the restored episode continues exactly.
     """
 
     def __init__(self, cameras: dict[str, str], depth: bool, **make_kwargs: Any) -> None:
         super().__init__(1, cameras, depth, make_kwargs)
+        self._episode_start: dict[str, Any] | None = None  # the vector resets with seeds before use
+        self._episode_actions: list[np.ndarray] = []
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**_snapshot(self.base), "episode_start": self._episode_start,
+                "episode_actions": np.array(self._episode_actions, np.float32).reshape(-1, *self.action_space.shape)}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        start = snap.get("episode_start")
+        if start is None:  # no record of the episode: the state alone (~1e-5 within the episode)
+            super().restore(snap)
+            return
+        if "copied" in start:
+            self.start_from(start["copied"])
+        else:
+            _restore_counters(self.base, start["before"])
+            self.reset(seed=start["seed"])
+        for action in snap["episode_actions"]:
+            self.env.step(action[None])
+        _restore_counters(self.base, snap)
+        self._episode_actions = [a.copy() for a in snap["episode_actions"]]
 
     def _obs(self, raw: Any) -> Obs:
         return {k: v[0] for k, v in self._contract(raw).items()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[Obs, dict]:
+        before = _snapshot(self.base)  # the counters and RNGs this reset draws from
         raw, _ = self.env.reset(seed=seed)
+        self._episode_start, self._episode_actions = {"before": before, "seed": seed}, []
         return self._obs(raw), {}
 
     def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict]:
-        raw, reward, terminated, truncated, info = self.env.step(np.asarray(action, np.float32)[None])
+        action = np.asarray(action, np.float32)
+        self._episode_actions.append(action.copy())
+        raw, reward, terminated, truncated, info = self.env.step(action[None])
         success = bool(_to_numpy(info["success"]).reshape(-1)[0]) if "success" in info else False
         return (self._obs(raw), float(_to_numpy(reward).reshape(-1)[0]), bool(_to_numpy(terminated)[0]),
                 bool(_to_numpy(truncated)[0]), {"success": success})
@@ -306,6 +338,8 @@ class SingleManiSkill(_ManiSkillHandle, gymnasium.Env):
 
         raw, _ = self.env.reset(options={"reset_to_env_states": {"env_states": torch.as_tensor(snap["sim"])}})
         _restore_counters(self.base, snap)
+        self._episode_start = {"copied": {k: v for k, v in snap.items() if not k.startswith("episode_")}}
+        self._episode_actions = []
         return self._obs(raw)
 
 
@@ -318,7 +352,7 @@ class ManiSkillEnvConfig:
     """Constructor arguments of envs/maniskill.py's ManiSkillEnv (see its docstring)."""
 
     # Parallel training envs in total, split evenly over the env workers.
-    num_envs: int = 16
+    num_envs: int = checked(16, ge=1)
     # A registered ManiSkill3 env id (PushCube-v1, PickCube-v1, StackCube-v1, ...).
     task: str = "PushCube-v1"
     # state, rgb or rgbd (state and proprio are always returned).
@@ -333,9 +367,9 @@ class ManiSkillEnvConfig:
     vector: str = "async"
     # CPU async path: scenes per subprocess, stepped in turn (1: a process per scene; a few
     # processes of several scenes use a small CPU better and need a fraction of the memory).
-    envs_per_process: int = 1
+    envs_per_process: int = checked(1, ge=1)
     # Camera side in pixels (rgb modes).
-    image_size: int = 128
+    image_size: int = checked(128, ge=8)
     # ManiSkill sensor behind the image key.
     camera: str = "base_camera"
     # Sensor behind wrist_image (e.g. hand_camera with robot_uids=panda_wristcam); null: none.
@@ -343,13 +377,13 @@ class ManiSkillEnvConfig:
     # ManiSkill robot id; null: the task's default.
     robot_uids: str | None = None
     # Episode limit; null: the task's registered limit.
-    max_episode_steps: int | None = None
+    max_episode_steps: int | None = checked(None, ge=1)
     # Success does not end the episode (episodes always run max_episode_steps).
     ignore_terminations: bool = False
     # Language instruction; null: envs/maniskill.py's table or the task docstring.
     instruction: str | None = None
     # Side of render() frames (episode videos) in state mode.
-    render_size: int = 256
+    render_size: int = checked(256, ge=8)
     # Start method of the async CPU vector (forkserver, spawn or fork).
     context: str | None = "forkserver"
 

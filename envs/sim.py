@@ -12,7 +12,8 @@ both for CPU simulators and built by ``process_vector``, and a simulator's own b
 A backend has ``observation_space`` (single, contract keys), ``action_space`` (single),
 ``max_episode_steps`` and the methods ``reset(seeds) -> obs``, ``reset_rows(mask) -> obs`` (a
 new episode on the masked rows, each continuing its own RNG), ``step(actions) -> (obs, reward,
-terminated, truncated, success)``, ``render(index)``, ``snapshot()``, ``restore(snap)`` and
+terminated, truncated, success)``, ``render(index)``, ``snapshot()``, ``restore(snap)``,
+``dead()`` (the simulator processes that exited, so a crash is named: ``SimulatorDied``) and
 ``close()``; backends of envs that copy group start states (``VectorEnv.reset_groups``) also
 have ``copy_starts(sources) -> obs``: right after a reset, every env i restarts from the state
 of env ``sources[i]`` (a source from its own), and the new observations of all envs come back.
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import abc
 import functools
+import signal
 import string
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +38,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from rlplat.envs.base import Obs, Seed, VectorEnv, step_info
+from rlplat.envs.base import Obs, Seed, SimulatorDied, VectorEnv, step_info
 
 VECTOR_MODES = ("async", "sync")
 _INSTRUCTION_MAX_CHARS = 256
@@ -128,6 +131,10 @@ class ProcessVector:
         # gymnasium's call() passes the same arguments to every env; each needs its own snapshot.
         _call_each(self.vec, "restore", [(snap,) for snap in snaps])
 
+    def dead(self) -> list[tuple[int, int, slice]]:
+        """(process index, exit code, the envs it held) of every simulator process that exited."""
+        return _dead_processes(self.vec, [slice(i, i + 1) for i in range(self.vec.num_envs)])
+
     def copy_starts(self, sources: Sequence[int] | np.ndarray) -> Obs:
         """Right after a reset, env i restarts from env ``sources[i]``'s state (see the module
         docstring); returns every env's new observation."""
@@ -140,8 +147,20 @@ class ProcessVector:
             rows = _call_each(self.vec, "start_from", [(snaps[i],) for i in sources])
         return {k: np.array(v) for k, v in stack_obs(rows).items()}
 
-    def close(self) -> None:
-        self.vec.close()
+    def close(self, terminate: bool = False) -> None:
+        if isinstance(self.vec, gymnasium.vector.AsyncVectorEnv):
+            self.vec.close(terminate=terminate)
+        else:
+            self.vec.close()
+
+
+def _dead_processes(vec: Any, held: list[slice]) -> list[tuple[int, int, slice]]:
+    processes = getattr(vec, "processes", [])  # AsyncVectorEnv's; a SyncVectorEnv has none
+    return [(i, p.exitcode, held[i]) for i, p in enumerate(processes) if p.exitcode is not None]
+
+
+def _exit_words(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def _call_each(vec: gymnasium.vector.AsyncVectorEnv, name: str,
@@ -243,6 +262,10 @@ class GroupedProcessVector:
         self.action_space = self.vec.single_action_space
         self.max_episode_steps = int(self.vec.get_attr("max_episode_steps")[0])
 
+    def dead(self) -> list[tuple[int, int, slice]]:
+        """(process index, exit code, the envs it held) of every simulator process that exited."""
+        return _dead_processes(self.vec, self.slices)
+
     @staticmethod
     def _concat(parts: list[Obs]) -> Obs:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -284,8 +307,8 @@ class GroupedProcessVector:
         snaps = [by_group[g][inner] for g, inner in map(self._group_of, sources)]
         return self._concat(_call_each(self.vec, "start_from_group", [(snaps[sl],) for sl in self.slices]))
 
-    def close(self) -> None:
-        self.vec.close()
+    def close(self, terminate: bool = False) -> None:
+        self.vec.close(terminate=terminate)
 
 
 def process_vector(env_fns: Sequence[Callable[[], gymnasium.Env]], vector: str, context: str | None,
@@ -330,8 +353,25 @@ class SimVectorEnv(VectorEnv, abc.ABC):
         obs["instruction"] = np.array(self.instructions(obs), dtype=object)
         return obs
 
+    def _sim_call(self, method: str, *args: Any) -> Any:
+        """``self._sim.<method>(*args)``; a simulator process that died is named (``SimulatorDied``)."""
+        try:
+            return getattr(self._sim, method)(*args)
+        except (EOFError, OSError) as err:  # a dead subprocess: broken pipe, connection reset
+            dead, deadline = self._sim.dead(), time.monotonic() + 3.0
+            while not dead and time.monotonic() < deadline:  # the exit status arrives after the pipe breaks
+                time.sleep(0.05)
+                dead = self._sim.dead()
+            if not dead:
+                raise
+            self._sim.close(terminate=True)  # the others too: the vector cannot go on without it
+            index, code, envs = dead[0]
+            total = len(getattr(self._sim, "slices", [])) or self.num_envs
+            raise SimulatorDied(f"lost its simulator process {index} of {total} (this shard's envs {envs.start}-"
+                                f"{envs.stop - 1}; {_exit_words(code)})") from err
+
     def reset(self, *, seed: Seed = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
-        obs = self._sim.reset(self._seeds(seed))
+        obs = self._sim_call("reset", self._seeds(seed))
         self._ep_return[:] = 0.0
         self._ep_length[:] = 0
         self._last_obs = self._with_instruction(obs)
@@ -341,7 +381,7 @@ class SimVectorEnv(VectorEnv, abc.ABC):
         actions = np.asarray(actions, np.float32)
         if actions.shape != self.action_space.shape:
             raise ValueError(f"actions: expected shape {self.action_space.shape}, got {actions.shape}")
-        obs, reward, terminated, truncated, success = self._sim.step(actions)
+        obs, reward, terminated, truncated, success = self._sim_call("step", actions)
         if self.ignore_terminations:
             terminated = np.zeros_like(terminated)
         self._ep_return += reward
@@ -350,7 +390,7 @@ class SimVectorEnv(VectorEnv, abc.ABC):
         info = step_info(success, done, self._ep_return, self._ep_length,
                          self._with_instruction({k: v.copy() for k, v in obs.items()}))
         if done.any():
-            fresh = self._sim.reset_rows(done)
+            fresh = self._sim_call("reset_rows", done)
             for key, value in fresh.items():
                 obs[key][done] = value[done]
             self._ep_return[done] = 0.0

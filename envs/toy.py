@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 
 from rlplat.envs.base import Obs, Seed, VectorEnv, check_arg, step_info
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 # RGB of every colour name an env may use. Gray and near-black are left out on purpose: they are
 # the background and the gripper, and an object of that colour would be invisible in the image.
@@ -68,23 +68,23 @@ class ToyEnvConfig:
     """Constructor arguments of envs/toy.py's ToyReachEnv (see its docstring)."""
 
     # Parallel training envs in total, split evenly over the env workers.
-    num_envs: int = 64
+    num_envs: int = checked(64, ge=1)
     # Coloured squares per scene; one of them is named by the instruction.
-    num_objects: int = 3
+    num_objects: int = checked(3, ge=1)
     # Colour vocabulary of the squares and instructions.
     colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
     # Observation keys produced: state, rgb or state+rgb.
     obs_mode: str = "state"
     # Side of the square RGB image in pixels.
-    image_size: int = 64
+    image_size: int = checked(64, ge=8)
     # Episode limit; reaching it sets truncated.
-    max_episode_steps: int = 50
+    max_episode_steps: int = checked(50, ge=1)
     # dense (progress + success bonus) or sparse (1 on success).
     reward_mode: str = "dense"
     # Arena units moved per unit action.
-    action_scale: float = 0.1
+    action_scale: float = checked(0.1, gt=0)
     # Distance to the target that counts as success.
-    success_radius: float = 0.1
+    success_radius: float = checked(0.1, gt=0)
     # Success does not end the episode (episodes always run max_episode_steps).
     ignore_terminations: bool = False
 

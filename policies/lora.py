@@ -6,17 +6,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rlplat.registry import checked
+
 
 @dataclass
 class LoRAConfig:
     """peft LoRA settings (r = 0 trains every weight instead)."""
 
     # Adapter rank; 0 disables LoRA (full fine-tuning, and no built-in reference model).
-    r: int = 0
+    r: int = checked(0, ge=0)
     # LoRA alpha (null: min(r, 16), OpenVLA's fine-tuning default; the same as r up to rank 16).
-    alpha: int | None = None
+    alpha: int | None = checked(None, ge=1)
     # Dropout on the adapter input.
-    dropout: float = 0.0
+    dropout: float = checked(0.0, ge=0, le=1)
     # Modules that get adapters: "all-linear" or a list of module-name suffixes (null: the
     # family's default: every linear layer but the LM head for OpenVLA, the attention
     # projections to_q, to_k, to_v, to_out.0 for diffusion UNets).

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 import rlplat.algos.sft  # noqa: F401  (registers the SFT schema below)
 from rlplat import registry
+from rlplat.registry import checked
 from rlplat.runtime.cluster import ClusterConfig
 from rlplat.runtime.placement import PlacementConfig
 
@@ -32,13 +33,13 @@ class LoggerConfig:
     """Where metrics go besides metrics.jsonl in the run dir."""
 
     # console (metrics.jsonl + progress) or wandb (also logs to Weights & Biases).
-    backend: str = "console"
+    backend: str = checked("console", choices=("console", "wandb"))
     # wandb mode: offline (default, no network) or online.
-    mode: str = "offline"
+    mode: str = checked("offline", choices=("offline", "online", "disabled"))
     # wandb project name.
     project: str = "rlplat"
     # Print a progress line every this many iterations.
-    log_every: int = 1
+    log_every: int = checked(1, ge=1)
     # Show a live progress bar (rich) when stdout is a terminal.
     progress_bar: bool = True
 
@@ -51,16 +52,16 @@ class TrainerConfig:
     """The controller loop's schedule."""
 
     # Training iterations (rollout + update) to run.
-    total_steps: int = 100
+    total_steps: int = checked(100, ge=1)
     # Evaluate every this many iterations (0: only at the end).
-    eval_every: int = 20
+    eval_every: int = checked(20, ge=0)
     # Also evaluate before the first update (logged as step 0): the "before" of a fine-tuning run.
     eval_at_start: bool = False
     # Episodes per evaluation, run in rounds of eval_num_envs parallel episodes.
-    eval_episodes: int = 64
+    eval_episodes: int = checked(64, ge=1)
     # Evaluation envs over all env workers (null: min(eval_episodes, env.num_envs)). Every
     # simulator env costs memory (a ManiSkill CPU env is a ~350 MB process), so this bounds it.
-    eval_num_envs: int | None = None
+    eval_num_envs: int | None = checked(None, ge=1)
     # Evaluation episodes run to the env's limit even after success, so eval/success_at_end
     # (success at the last step) is meaningful beside eval/success_once (success at any step).
     eval_ignore_terminations: bool = False
@@ -68,13 +69,17 @@ class TrainerConfig:
     # s, s+1, ... (LIBERO: 0 gives the official protocol's tasks x init states).
     eval_seed_start: int | None = None
     # Save a checkpoint every this many iterations (0: only at the end).
-    checkpoint_every: int = 20
-    # Keep this many newest checkpoints (0: keep all).
-    keep_checkpoints: int = 2
+    checkpoint_every: int = checked(20, ge=0)
+    # Keep this many newest checkpoints (0: keep all); a damaged newest one falls back to the previous.
+    keep_last: int = checked(3, ge=0)
+    # Dead workers (a killed or crashed EnvWorker, policy worker, simulator) are recreated and
+    # restored from the last checkpoint up to this many times per run (0: the run stops, naming
+    # the worker and printing the resume command). Restarts are logged as faults/restarts.
+    max_restarts: int = checked(0, ge=0)
     # Save an episode GIF of the final evaluation.
     save_video: bool = True
     # Torch threads per worker process (1 gives stable timings on small CPUs).
-    torch_threads: int = 1
+    torch_threads: int = checked(1, ge=1)
 
 
 @dataclass
@@ -82,9 +87,9 @@ class WarmStartConfig:
     """An SFT phase that runs before the main algorithm when the policy has no init_from."""
 
     # SFT iterations before the main run (0: no warm start).
-    steps: int = 0
+    steps: int = checked(0, ge=0)
     # Evaluate the warm-started policy every this many SFT iterations (0: only at the end).
-    eval_every: int = 0
+    eval_every: int = checked(0, ge=0)
     # The SFT settings (conf/algo/sft.yaml's schema).
     algo: SFTNode = field(default_factory=SFTNode)
 

@@ -68,6 +68,38 @@ class Part:
         return _NODES[self]
 
 
+@dataclass(frozen=True)
+class Check:
+    """The valid values of one config field (``checked``); ``rlplat.validate`` applies it."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """The requirement ``value`` fails (``">= 1"``, ``"one of a, b"``), None when it passes;
+        null passes (the field's type decides on it)."""
+        if value is None:
+            return None
+        if self.choices is not None:
+            return None if value in self.choices else f"one of {', '.join(map(str, self.choices))}"
+        failed = [f"{op} {bound}" for bound, op, ok in (
+            (self.ge, ">=", lambda b: value >= b), (self.gt, ">", lambda b: value > b), (self.le, "<=", lambda b: value <= b))
+            if bound is not None and not ok(bound)]
+        return " and ".join(failed) or None
+
+
+def checked(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field whose valid range is declared beside it (checked before anything starts)::
+
+        total_steps: int = checked(100, ge=1)
+        advantage: str = checked("group", choices=("group", "per_prompt"))
+    """
+    return dataclasses.field(default=default, metadata={"check": Check(ge, gt, le, choices)})
+
+
 _PARTS: dict[tuple[str, str], Part] = {}
 _NODES: dict[Part, type] = {}
 

@@ -19,7 +19,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from rlplat import registry
 from rlplat.config import register_configs
 
 register_configs()
@@ -36,40 +35,61 @@ def offline_defaults() -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Runs one training job in ``run_dir`` (also used by tests and benchmarks): an env run
     (policy x env x algorithm) or a preference run (policy x preference source x algorithm)."""
-    from hydra.errors import InstantiationException
-
-    from rlplat.loops.embodied import check_config, embodied_run
-    from rlplat.loops.preference import check_preference_config, preference_run
+    from rlplat.loops.embodied import embodied_run
+    from rlplat.loops.preference import preference_run
     from rlplat.runtime.cluster import ClusterConfig, ray_session
+    from rlplat.validate import ConfigError, validate
 
     offline_defaults()
-    has_env, has_preference = cfg.get("env") is not None, cfg.get("preference") is not None
-    if has_env == has_preference:
-        raise SystemExit(
-            f"config error: env={cfg.env._target_} and preference={cfg.preference._target_} are both set; a run has "
-            f"one of them: drop the env with ~env on the command line (in an experiment: '- override /env: null')"
-            if has_env else "config error: the run has neither an env nor a preference source: choose env=<name> "
-                            "(e.g. env=toy) or preference=<name> (e.g. preference=shapes_fidelity)")
-    check, build = (check_preference_config, preference_run) if has_preference else (check_config, embodied_run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    warm_cfg = warm_start_config(cfg, run_dir) if has_env else None
     try:
-        # Before Ray starts, so a bad config fails in seconds.
-        registry.refuse_renamed(cfg)
-        algo = check(cfg)
-        warm_algo = check_config(warm_cfg) if warm_cfg is not None else None
-    except (ValueError, FileNotFoundError, InstantiationException) as err:
+        checked = validate(cfg, run_dir)  # before Ray starts, so a bad config fails in well under a second
+    except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    build = preference_run if cfg.get("preference") is not None else embodied_run
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     with ray_session(ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))):
+        warm_cfg = checked.warm_cfg
         if warm_cfg is not None:
             warm_dir = run_dir / WARM_START_DIR
             if not (warm_dir / "checkpoints" / f"step_{warm_cfg.trainer.total_steps}").is_dir():
                 print(f"warm start: {warm_cfg.trainer.total_steps} SFT iterations in {warm_dir}")
-                run_to_end(embodied_run(warm_cfg, warm_dir, warm_algo))
+                run_to_end(embodied_run(warm_cfg, warm_dir, checked.warm_algo))
             cfg = copy.deepcopy(cfg)
             cfg.policy.init_from = str(warm_dir)
-        return run_to_end(build(cfg, run_dir, algo))
+        return run_restarting(cfg, run_dir, build, checked.algo)
+
+
+def run_restarting(cfg: DictConfig, run_dir: Path, build: Any, algo: Any) -> dict:
+    """``build(cfg, run_dir, algo)`` run to the end; when a worker dies, the workers are rebuilt
+    and restored from the run's newest checkpoint, up to ``trainer.max_restarts`` times, else the
+    run stops naming the worker and the resume command."""
+    from rlplat import checkpoint
+    from rlplat.logging import METRICS_FILE, truncate_metrics
+    from rlplat.runtime.worker_group import WorkerDied
+    from rlplat.validate import validate
+
+    restarts = 0
+    while True:
+        try:
+            loop = build(cfg, run_dir, algo)
+            loop.restarts = restarts
+            return run_to_end(loop)
+        except WorkerDied as err:
+            limit = int(cfg.trainer.max_restarts)
+            if restarts >= limit:
+                raise SystemExit(f"error: {err}\nThe run stopped at its last checkpoint; "
+                                 f"{checkpoint.resume_command(run_dir)} (trainer.max_restarts=N restarts dead "
+                                 f"workers by itself)") from None
+            restarts += 1
+            cfg = copy.deepcopy(cfg)
+            if checkpoint.list_checkpoints(run_dir):
+                cfg.resume = str(run_dir)
+            elif not cfg.resume and (run_dir / METRICS_FILE).exists():
+                truncate_metrics(run_dir / METRICS_FILE, run_dir / METRICS_FILE, -1)  # starts over from step 0
+            print(f"warning: {err}\nrestart {restarts} of trainer.max_restarts={limit}: rebuilding the workers "
+                  f"from {'the newest checkpoint' if cfg.resume else 'the start'}", flush=True)
+            algo = validate(cfg, run_dir).algo
 
 
 def run_to_end(loop: Any) -> dict:
@@ -89,8 +109,8 @@ def warm_start_config(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
     if ws.steps <= 0 or cfg.policy.get("init_from"):
         return None
     if "init_from" not in cfg.policy:
-        raise SystemExit(
-            f"config error: warm_start.steps={ws.steps} needs a policy that can start from a "
+        raise ValueError(
+            f"warm_start.steps={ws.steps} needs a policy that can start from a "
             f"checkpoint (policy.init_from); this policy has none, set warm_start.steps=0"
         )
     warm = copy.deepcopy(cfg)

@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from rlplat.envs.preference.proxy import ScoreSource, preference_labels
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 class PromptSet:
@@ -61,9 +61,9 @@ class OnlinePreferenceConfig:
     # Score source (_target_ + arguments), higher is better.
     score: Any = MISSING
     # Score gap at or below which a pair counts as a tie.
-    tie_margin: float = 0.0
+    tie_margin: float = checked(0.0, ge=0)
     # Tied pairs: drop (no gradient) or random (a fair coin labels them).
-    ties: str = "drop"
+    ties: str = checked("drop", choices=("drop", "random"))
 
 
 @register("preference", "online", OnlinePreferenceConfig)

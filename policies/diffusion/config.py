@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlplat.policies.lora import LoRAConfig
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 @dataclass
@@ -50,15 +50,15 @@ class DiffusionPolicyConfig:
     # LoRA adapter via peft; the reference model is the adapter disabled.
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     # DDIM steps per sample.
-    num_steps: int = 20
+    num_steps: int = checked(20, ge=1)
     # Classifier-free guidance weight (1: no guidance, one UNet pass per step).
-    guidance_scale: float = 3.0
+    guidance_scale: float = checked(3.0, ge=0)
     # DDIM noise scale; > 0, since a deterministic step has no log-probability.
-    eta: float = 1.0
+    eta: float = checked(1.0, ge=0, le=1)
     # Reduction of the per-element Gaussian log-density of a step: mean (DDPO/D3PO) or sum.
     reduction: str = "mean"
     # Images sampled per UNet batch (larger requests are split).
-    sample_batch_size: int = 64
+    sample_batch_size: int = checked(64, ge=1)
 
 
 SD15_HINT = (

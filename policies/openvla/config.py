@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rlplat.policies.lora import LoRAConfig
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 @dataclass
@@ -55,11 +55,11 @@ class OpenVLAPolicyConfig:
     # Add a value head on the last prompt position (PPO needs it; GRPO does not).
     value_head: bool = False
     # Learning rate of the value head (null: the algorithm's lr).
-    value_lr: float | None = None
+    value_lr: float | None = checked(None, gt=0)
     # Keep the value loss from shaping the shared trunk (the head reads a detached state).
     value_detach: bool = False
     # Sampling temperature of rollouts.
-    temperature: float = 1.0
+    temperature: float = checked(1.0, gt=0)
     # Statistics entry that unnormalises actions (null: the only one).
     unnorm_key: str | None = None
     # Keep the vision tower(s) fixed.

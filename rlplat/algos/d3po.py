@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 def d3po_loss(
@@ -122,19 +122,19 @@ class D3POConfig:
     """D3PO on online pairs that share x_T (rlplat/algos/d3po.py)."""
 
     # Prompts per iteration; each gets a pair of samples.
-    batch_size: int = 16
+    batch_size: int = checked(16, ge=1)
     # Minibatches (optimizer steps) per epoch over the kept pairs.
-    num_minibatches: int = 2
+    num_minibatches: int = checked(2, ge=1)
     # Passes over each iteration's pairs.
-    update_epochs: int = 1
+    update_epochs: int = checked(1, ge=1)
     # Share of the denoising steps trained per minibatch (drawn at random).
-    timestep_fraction: float = 1.0
+    timestep_fraction: float = checked(1.0, gt=0, le=1)
     # DPO temperature beta.
-    beta: float = 0.1
+    beta: float = checked(0.1, gt=0)
     # Half-width of the clipped ratio band.
-    clip_coef: float = 0.1
+    clip_coef: float = checked(0.1, gt=0)
     # Reference log-probs: adapter (LoRA disabled, the pretrained model) or sampled (at sampling time).
-    reference: str = "adapter"
+    reference: str = checked("adapter", choices=tuple(REFERENCES))
     # Optimizer (AdamW).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
 

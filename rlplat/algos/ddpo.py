@@ -24,7 +24,7 @@ from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.algos.losses import ppo_policy_loss
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 class PerPromptStatTracker:
@@ -107,27 +107,27 @@ class DDPOConfig:
     """DDPO / GRPO for diffusion: PPO-clip on the denoising-step ratios (rlplat/algos/ddpo.py)."""
 
     # Prompts per iteration.
-    batch_size: int = 8
+    batch_size: int = checked(8, ge=1)
     # Samples per prompt (the group of advantage=group).
-    group_size: int = 4
+    group_size: int = checked(4, ge=1)
     # per_prompt (DDPO's running per-prompt statistics) or group (GRPO: normalised within the group).
-    advantage: str = "group"
+    advantage: str = checked("group", choices=tuple(ADVANTAGES))
     # Scores kept per prompt by the tracker (advantage=per_prompt).
-    tracker_buffer_size: int = 32
+    tracker_buffer_size: int = checked(32, ge=1)
     # Scores a prompt needs before its own statistics are used (advantage=per_prompt).
-    tracker_min_count: int = 16
+    tracker_min_count: int = checked(16, ge=1)
     # Minibatches (optimizer steps) per epoch.
-    num_minibatches: int = 2
+    num_minibatches: int = checked(2, ge=1)
     # Passes over each iteration's samples.
-    update_epochs: int = 1
+    update_epochs: int = checked(1, ge=1)
     # Share of the denoising steps trained per minibatch (drawn at random).
-    timestep_fraction: float = 1.0
+    timestep_fraction: float = checked(1.0, gt=0, le=1)
     # Clip range of the step ratio (tiny: log-probs are means over elements).
-    clip_coef: float = 1e-4
+    clip_coef: float = checked(1e-4, gt=0)
     # Advantages are clipped to +- this.
-    adv_clip_max: float = 5.0
+    adv_clip_max: float = checked(5.0, gt=0)
     # Weight of the k3 KL to the adapter-disabled reference (needs LoRA; 0: none).
-    kl_coef: float = 0.0
+    kl_coef: float = checked(0.0, ge=0)
     # Optimizer (AdamW).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.algos.optim import OptimConfig, OptimizerStep
 from rlplat.batch import Batch
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 def denoising_loss(
@@ -52,11 +52,11 @@ class DiffusionSFTConfig:
     """Denoising-loss (pre)training on the source's demonstrations (rlplat/algos/diffusion_sft.py)."""
 
     # Images per optimizer step.
-    batch_size: int = 64
+    batch_size: int = checked(64, ge=1)
     # Optimizer steps per iteration (fresh demonstrations each).
-    num_minibatches: int = 50
+    num_minibatches: int = checked(50, ge=1)
     # Share of captions replaced by the empty prompt (trains the unconditional branch for guidance).
-    cond_dropout: float = 0.1
+    cond_dropout: float = checked(0.1, ge=0, le=1)
     # Optimizer (AdamW).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, eps=1e-8, max_grad_norm=1.0))
 

@@ -23,7 +23,7 @@ from rlplat.algos.losses import entropy_bonus, kl_penalty, masked_mean, ppo_poli
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 _WEIGHTINGS = ("episode", "step")
 _KL_KINDS = ("k1", "k2", "k3")
@@ -60,11 +60,11 @@ class GRPOConfig:
     # Rollouts per group (env.num_envs must be a multiple); the envs of a group share their initial
     # state. At a fixed env budget more, smaller groups learned faster on the toy task (64 envs:
     # 16 groups of 4 beat 8 groups of 8).
-    group_size: int = 4
+    group_size: int = checked(4, ge=2)
     # Outcome score of an episode: return (sum of rewards) or success (0/1).
-    outcome: str = "return"
+    outcome: str = checked("return", choices=tuple(OUTCOMES))
     # Discount inside the episode for outcome=return (1: plain sum; < 1 favours faster success).
-    gamma: float = 0.99
+    gamma: float = checked(0.99, ge=0, le=1)
     # Divide group-centred outcomes by the group std (false: Dr. GRPO style).
     std_normalize: bool = True
     # Drop groups whose outcomes are all equal (they carry no signal).
@@ -78,19 +78,19 @@ class GRPOConfig:
     # so the default stays step.
     loss_weighting: str = "step"
     # Weight of the KL penalty to the reference policy (0: no reference kept).
-    kl_coef: float = 0.0
+    kl_coef: float = checked(0.0, ge=0)
     # KL estimator: k1, k2 or k3.
     kl_kind: str = "k3"
     # Minibatches per epoch over the valid steps.
-    num_minibatches: int = 4
+    num_minibatches: int = checked(4, ge=1)
     # Passes over each rollout.
-    update_epochs: int = 4
+    update_epochs: int = checked(4, ge=1)
     # Clip range of the probability ratio.
-    clip_coef: float = 0.2
+    clip_coef: float = checked(0.2, gt=0)
     # Weight of the entropy bonus.
-    ent_coef: float = 0.0
+    ent_coef: float = checked(0.0, ge=0)
     # Stop the epoch loop once approx KL exceeds this (null: never).
-    target_kl: float | None = 0.1
+    target_kl: float | None = checked(0.1, gt=0)
     # Re-score the rollout's log-probs with the training weights before the update, so the
     # first ratio is 1 up to float rounding (null: on when the weights are bf16 or fp16).
     recompute_old_logprobs: bool | None = None

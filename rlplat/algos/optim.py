@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from rlplat.registry import checked
+
 log = logging.getLogger(__name__)
 
 
@@ -25,15 +27,15 @@ class OptimConfig:
     """Adam settings shared by every algorithm."""
 
     # Learning rate.
-    lr: float = 3e-4
+    lr: float = checked(3e-4, gt=0)
     # Adam epsilon.
-    eps: float = 1e-5
+    eps: float = checked(1e-5, gt=0)
     # Linearly anneal the learning rate to 0 over trainer.total_steps.
     anneal_lr: bool = False
     # Clip the global gradient norm to this value.
-    max_grad_norm: float = 0.5
+    max_grad_norm: float = checked(0.5, gt=0)
     # Decoupled weight decay (AdamW).
-    weight_decay: float = 0.0
+    weight_decay: float = checked(0.0, ge=0)
 
 
 def annealed_lr(optim: Mapping[str, Any], step: int, total_steps: int) -> float:

@@ -13,7 +13,7 @@ from rlplat.algos.losses import entropy_bonus, ppo_policy_loss, value_loss
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 #: What V(s_{t+1}) is at a step where an episode ended (``algo.bootstrap_at_done``).
 BOOTSTRAP_MODES = ("always", "truncated")
@@ -69,33 +69,33 @@ class PPOConfig:
     """Proximal Policy Optimization with GAE (rlplat/algos/ppo.py)."""
 
     # Env steps per env per iteration (rollout length T).
-    rollout_steps: int = 50
+    rollout_steps: int = checked(50, ge=1)
     # Discount factor.
-    gamma: float = 0.99
+    gamma: float = checked(0.99, ge=0, le=1)
     # GAE lambda.
-    gae_lambda: float = 0.95
+    gae_lambda: float = checked(0.95, ge=0, le=1)
     # Which episode ends bootstrap V(final observation): always (every end, as ManiSkill's PPO:
     # an episode that ends in success keeps the value of where it got) or truncated (only
     # time-limit ends; a terminal state is worth 0, the textbook MDP).
-    bootstrap_at_done: str = "truncated"
+    bootstrap_at_done: str = checked("truncated", choices=BOOTSTRAP_MODES)
     # Minibatches per epoch; num_envs * rollout_steps must divide evenly.
-    num_minibatches: int = 4
+    num_minibatches: int = checked(4, ge=1)
     # Passes over each rollout.
-    update_epochs: int = 4
+    update_epochs: int = checked(4, ge=1)
     # Clip range of the probability ratio.
-    clip_coef: float = 0.2
+    clip_coef: float = checked(0.2, gt=0)
     # Clip range of the value update (null: no value clipping).
-    vf_clip_coef: float | None = None
+    vf_clip_coef: float | None = checked(None, gt=0)
     # Weight of the entropy bonus.
-    ent_coef: float = 0.0
+    ent_coef: float = checked(0.0, ge=0)
     # Weight of the value loss.
-    vf_coef: float = 0.5
+    vf_coef: float = checked(0.5, ge=0)
     # Stop the update before a minibatch whose approx KL exceeds this (null: never).
-    target_kl: float | None = 0.1
+    target_kl: float | None = checked(0.1, gt=0)
     # Normalise advantages per minibatch.
     norm_adv: bool = True
     # Iterations at the start that train only the value loss (a fresh critic on a warm policy).
-    critic_warmup_steps: int = 0
+    critic_warmup_steps: int = checked(0, ge=0)
     # Re-score the rollout's log-probs with the training weights before the update, so the
     # first ratio is 1 up to float rounding (null: on when the weights are bf16 or fp16).
     recompute_old_logprobs: bool | None = None

@@ -18,7 +18,7 @@ from rlplat.algos.losses import masked_mean
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.policies.base import EvalOutput
-from rlplat.registry import register
+from rlplat.registry import checked, register
 
 
 def bc_loss(logprobs: torch.Tensor, num_tokens: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,18 +38,18 @@ class SFTConfig:
     """Behaviour cloning on the env's scripted expert (rlplat/algos/sft.py)."""
 
     # Env steps per env per iteration (demonstration rows = num_envs x rollout_steps).
-    rollout_steps: int = 50
+    rollout_steps: int = checked(50, ge=1)
     # Std of the Gaussian noise added to the executed expert action (the label stays clean).
-    expert_noise: float = 0.3
+    expert_noise: float = checked(0.3, ge=0)
     # Compute action statistics (q01/q99) from the first demonstrations and give them to the policy.
     compute_action_stats: bool = True
     # Name of those statistics (OpenVLA's unnorm_key); null: the env class name in lower case.
     stats_key: str | None = None
     # Minibatches per epoch (num_envs * rollout_steps must divide evenly). 50 gives 64-row steps at
     # the default 64 envs x 50 steps: behaviour cloning from scratch learns faster with many small steps.
-    num_minibatches: int = 50
+    num_minibatches: int = checked(50, ge=1)
     # Passes over each batch of demonstrations.
-    update_epochs: int = 1
+    update_epochs: int = checked(1, ge=1)
     # Stop the epoch loop once approx KL exceeds this (null: never; unused by SFT).
     target_kl: float | None = None
     # Optimizer.

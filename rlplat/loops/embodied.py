@@ -50,10 +50,6 @@ def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algor
         raise ValueError(f"policy={part.name} makes images; env runs need an action policy (policy=mlp, cnn, "
                          f"openvla_tiny, ...), or run it with a preference source instead of an env")
     registry.preflight("policy", cfg.policy)
-    eval_envs = cfg.trainer.get("eval_num_envs")
-    if eval_envs is not None and int(eval_envs) < 1:
-        raise ValueError(f"trainer.eval_num_envs={eval_envs} must be >= 1, or null for "
-                         "min(trainer.eval_episodes, env.num_envs)")
     if algo.needs_value and OmegaConf.select(cfg, "policy.value_head") is False:
         raise ValueError(
             f"{type(algo).__name__} trains a critic but policy.value_head=false; set policy.value_head=true "

@@ -142,7 +142,8 @@ class OnlinePreferenceCollector(Collector):
         scores = self.source.score(images, prompts)
         grid = save_image_grid(images[:GRID_IMAGES], self.run_dir / "media" / f"eval_step_{step:05d}.png",
                                captions=prompts[:GRID_IMAGES])
-        self.logger.log_media("eval/samples", grid, step=step)
+        if self.logger is not None:  # None outside a training run (rlplat-eval)
+            self.logger.log_media("eval/samples", grid, step=step)
         return {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std())}
 
     def report(self, metrics: dict[str, Any]) -> None:

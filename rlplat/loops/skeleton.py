@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import abc
 import logging
+import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -117,6 +121,41 @@ class Collector(abc.ABC):
         """Stops the collector's own workers."""
 
 
+class StopSignals:
+    """Turns SIGINT / SIGTERM (what terminals and schedulers send) into a clean stop: the first
+    sets ``signum`` for the loop to finish its iteration and checkpoint; a second exits at once.
+    Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\n{name} again: exiting at once; the last periodic checkpoint is kept", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\n{name}: finishing this iteration and writing a checkpoint (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    def exit(self, message: str) -> None:
+        """Exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), no traceback."""
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(self.signum or 0))
+
+
 class Run:
     """One training run: ``Collector`` + policy workers + algorithm, placed by ``cfg.placement``."""
 
@@ -127,6 +166,8 @@ class Run:
         threads = cfg.trainer.torch_threads
         env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.policy_groups: list[WorkerGroup] = []
+        # Times the run's workers were recreated after one died (trainer.max_restarts).
+        self.restarts = 0
         try:
             collector.build(self.placement, env_vars)
             self._build_policy_groups(collector.policy_workers(), env_vars)
@@ -140,30 +181,43 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics."""
+        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics.
+
+        SIGINT / SIGTERM finish the current iteration, write a checkpoint, print the resume
+        command and exit with 130 / 143 (a second signal exits at once)."""
         tc, collector = self.cfg.trainer, self.collector
         start = self.restore_or_reset()
         logger = collector.logger = RunLogger.from_config(self.cfg, self.run_dir, start)
         metrics: dict[str, Any] = {}
-        try:
-            if start == 0 and tc.eval_at_start:
-                # Step 0: the policy as loaded (e.g. an SFT checkpoint), before any update.
-                logger.log(0, {collector.progress_key: 0, **collector.evaluate(0, last=False)})
-            for step in range(start + 1, tc.total_steps + 1):
-                t0 = time.perf_counter()
-                batch, metrics = collector.collect(step)
-                metrics |= self.update(batch, step)
-                self.sync_weights()
-                elapsed = time.perf_counter() - t0
-                metrics |= {**collector.progress(step, elapsed), "perf/iteration_s": elapsed}
-                last = step == tc.total_steps
-                if last or (tc.eval_every and step % tc.eval_every == 0):
-                    metrics |= collector.evaluate(step, last)
-                logger.log(step, metrics)
-                if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                    self.save_checkpoint(step)
-        finally:
-            logger.close()
+        with StopSignals() as stop:
+            try:
+                if start == 0 and tc.eval_at_start:
+                    # Step 0: the policy as loaded (e.g. an SFT checkpoint), before any update.
+                    logger.log(0, {collector.progress_key: 0, **collector.evaluate(0, last=False)})
+                for step in range(start + 1, tc.total_steps + 1):
+                    t0 = time.perf_counter()
+                    batch, metrics = collector.collect(step)
+                    metrics |= self.update(batch, step)
+                    self.sync_weights()
+                    elapsed = time.perf_counter() - t0
+                    metrics |= {**collector.progress(step, elapsed), "perf/iteration_s": elapsed}
+                    if self.restarts:
+                        metrics["faults/restarts"] = self.restarts
+                    last = step == tc.total_steps
+                    if last or (tc.eval_every and step % tc.eval_every == 0):
+                        metrics |= collector.evaluate(step, last)
+                    logger.log(step, metrics)
+                    if last or stop.signum or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                        self.save_checkpoint(step)
+                    if stop.signum and not last:
+                        stop.exit(f"stopped after step {step} (checkpoint written); "
+                                  f"{checkpoint.resume_command(self.run_dir)}")
+            except Exception:
+                if stop.signum:  # the signal also reached the workers: stop at the last checkpoint
+                    stop.exit(f"stopped; {checkpoint.resume_command(self.run_dir)}")
+                raise
+            finally:
+                logger.close()
         collector.report(metrics)
         return metrics
 
@@ -192,11 +246,19 @@ class Run:
     def save_checkpoint(self, step: int) -> Path:
         """Writes the policy groups (weights, optimizer, RNG) and the collector's state."""
         tmp = checkpoint.begin(self.run_dir, step)
-        for group in self.policy_groups:
-            group.save(str(tmp / checkpoint.POLICY))
-        checkpoint.save_trainer_state(tmp, {"step": step, "controller_rng": checkpoint.capture_rng(),
-                                            **self.collector.state_dict()})
-        return checkpoint.commit(tmp, self.cfg.trainer.keep_checkpoints)
+        try:
+            for group in self.policy_groups:
+                group.save(str(tmp / checkpoint.POLICY))
+            checkpoint.save_trainer_state(tmp, {"step": step, "controller_rng": checkpoint.capture_rng(),
+                                                **self.collector.state_dict()})
+            parts = {kind: str(self.cfg[kind]._target_) for kind in ("algo", "policy")}
+            return checkpoint.commit(tmp, self.cfg.trainer.keep_last, parts)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays
+            message = checkpoint.disk_full_message(err, tmp)
+            if message:
+                raise SystemExit(f"error: {message}: {checkpoint.resume_command(self.run_dir)}") from None
+            raise
 
     def restore_or_reset(self) -> int:
         """Loads the checkpoint ``resume`` names (returning its step), else starts at 0."""

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlplat.registry import checked
+
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -65,18 +67,18 @@ class PlacementConfig:
     # Name shown in logs.
     name: str = "colocated"
     # Bundles in the Ray placement group (GPUs when use_gpu, else CPU bundles).
-    num_devices: int = 1
+    num_devices: int = checked(1, ge=1)
     # Reserve one GPU per bundle.
     use_gpu: bool = False
     # CPUs per bundle.
-    cpus_per_device: float = 1.0
+    cpus_per_device: float = checked(1.0, gt=0)
     # Role -> device spec ("0", "0-1", "0,2"); roles with equal specs share one worker group.
     roles: dict[str, str] = field(
         default_factory=lambda: {"env": "0", "rollout": "0", "actor": "0"}
     )
     # Env pipeline stages: K > 1 splits the envs into K groups stepped in turn, so one stage
     # simulates while the policy acts for another (pipelined rollout); 1: all envs step together.
-    pipeline_stages: int = 1
+    pipeline_stages: int = checked(1, ge=1)
     # Each env worker holds a replica of the rollout policy and runs whole rollouts itself: one
     # call per rollout instead of two per env step, for policies cheap next to the simulator
     # (MLP/CNN on CPU). Replicas get weights after every update; each samples from its own

@@ -3,22 +3,58 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlplat.envs.base import SimulatorDied
 from rlplat.runtime.dispatch import Dispatch, collect_results, dispatch_args, registered_methods
 from rlplat.runtime.placement import Placement
 from rlplat.runtime.worker import Worker
-
 
 # After a worker fails, how long to wait for the others before raising: long enough to collect
 # their results (so their errors are not reported again as unhandled), short enough not to
 # hang on ranks that the failed one blocks (e.g. in a collective).
 ERROR_GRACE_S = 5.0
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of a group, or a simulator process it drives, died (killed, crashed, out
+    of memory) while the run used it.
+
+    Attributes:
+        group: the group's name; rank: the dead worker's rank; detail: Ray's account of the exit.
+    """
+
+    def __init__(self, group: WorkerGroup, rank: int, detail: str) -> None:
+        self.group, self.rank, self.detail = group.name, rank, detail
+        label = group.labels[rank] if rank < len(group.labels) else ""
+        super().__init__(f"{group.worker_cls.__name__} rank {rank} of {group.world_size} (group {group.name!r}, "
+                         f"device {group.devices[rank]}, pid {group.pids[rank]}{', ' + label if label else ''}) {detail}")
+
+
+def _exit_detail(err: RayActorError) -> str:
+    """The informative part of Ray's message about a dead actor (its exit type and detail)."""
+    text = str(err)
+    found = re.search(r"Worker exit type: (\S+)\s+Worker exit detail: (.+?)(?: There are some potential|$)", text, re.DOTALL)
+    if found:
+        return f"{found.group(1)}: {' '.join(found.group(2).split())}"
+    return " ".join(text.split())[:300]
+
+
+def _cause_of(ref: ray.ObjectRef) -> BaseException | None:
+    """The exception a finished call raised (None: it returned, or has not finished)."""
+    try:
+        ray.get(ref, timeout=0)
+    except RayTaskError as err:
+        return err.cause
+    except Exception:  # noqa: BLE001 (not finished, or the actor died: no task error)
+        return None
+    return None
 
 
 def _raise_cause(err: RayTaskError) -> None:
@@ -48,9 +84,11 @@ def _get(refs: list[ray.ObjectRef], timeout: float | None = None) -> list[Any]:
 class GroupCall:
     """A group call in flight; ``get()`` waits and returns the merged result."""
 
-    def __init__(self, refs: list[ray.ObjectRef], collect: Callable[[list[Any]], Any]) -> None:
+    def __init__(self, refs: list[ray.ObjectRef], collect: Callable[[list[Any]], Any],
+                 group: WorkerGroup | None = None) -> None:
         self.refs = refs
         self._collect = collect
+        self._group = group
 
     def done(self) -> bool:
         """True when every worker has finished (without waiting)."""
@@ -58,8 +96,26 @@ class GroupCall:
         return len(ready) == len(self.refs)
 
     def get(self, timeout: float | None = None) -> Any:
-        """Wait for every worker and return the merged result; raises a worker's exception."""
-        return self._collect(_get(self.refs, timeout))
+        """Wait for every worker and return the merged result; raises a worker's exception, or
+        ``WorkerDied`` naming the rank whose process died."""
+        try:
+            return self._collect(_get(self.refs, timeout))
+        except SimulatorDied as err:  # a worker's simulator process exited: name the worker too
+            if self._group is None:
+                raise
+            rank = next((r for r, ref in enumerate(self.refs) if _cause_of(ref) is not None), 0)
+            raise WorkerDied(self._group, rank, str(err)) from err
+        except RayActorError as err:
+            if self._group is None:
+                raise
+            for rank, ref in enumerate(self.refs):
+                try:
+                    ray.get(ref, timeout=ERROR_GRACE_S)
+                except RayActorError as dead:
+                    raise WorkerDied(self._group, rank, f"died: {_exit_detail(dead)}") from err
+                except Exception:  # noqa: BLE001, S112 (another rank's error or a slow rank: not the dead one)
+                    continue
+            raise
 
 
 class WorkerGroup:
@@ -105,6 +161,8 @@ class WorkerGroup:
         self.name = name or worker_cls.__name__
         self.worker_cls = worker_cls
         self.devices = list(devices)
+        # What each rank serves, for messages (e.g. "envs 0-31"); set by the group's owner.
+        self.labels: list[str] = []
         self._methods = registered_methods(worker_cls)
         clashes = sorted(m for m in self._methods if hasattr(WorkerGroup, m))
         if clashes:
@@ -134,9 +192,10 @@ class WorkerGroup:
                     rank=rank, world_size=len(self.devices), **(init_kwargs or {})
                 )
             )
-        # Wait until every constructor has run, so its errors surface here.
+        # Wait until every constructor has run, so its errors surface here; the process ids name
+        # a worker that dies later.
         try:
-            _get([w.ping.remote() for w in self.workers])
+            self.pids: list[int] = _get([w.pid.remote() for w in self.workers])
         except BaseException:
             self.shutdown()
             raise
@@ -178,7 +237,7 @@ class WorkerGroup:
             getattr(worker, method_name).remote(*a, **kw)
             for worker, (a, kw) in zip(self.workers, calls)
         ]
-        return GroupCall(refs, functools.partial(collect_results, mode))
+        return GroupCall(refs, functools.partial(collect_results, mode), self)
 
     def shutdown(self) -> None:
         """Kill the actors (idempotent)."""

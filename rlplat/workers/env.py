@@ -238,13 +238,17 @@ class EnvStages:
                                  "every stage needs at least one env (eval envs: trainer.eval_num_envs, "
                                  "default min(trainer.eval_episodes, env.num_envs))")
         self.groups = []
+        first = 0
         try:
             for k in range(stages):
-                self.groups.append(make_group(
-                    {"num_envs": shard_size(num_envs, k, stages),
-                     "num_eval_envs": shard_size(num_eval_envs, k, stages)},
-                    f"env{k}" if stages > 1 else "env",
-                ))
+                size = shard_size(num_envs, k, stages)
+                group = make_group({"num_envs": size, "num_eval_envs": shard_size(num_eval_envs, k, stages)},
+                                   f"env{k}" if stages > 1 else "env")
+                for rank in range(group.world_size):  # which training envs each rank holds, for messages
+                    n = shard_size(size, rank, group.world_size)
+                    group.labels.append(f"training envs {first}-{first + n - 1}")
+                    first += n
+                self.groups.append(group)
         except BaseException:
             self.shutdown()
             raise

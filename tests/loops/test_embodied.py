@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from rlplat.config import compose
 from rlplat.logging import read_metrics
 from rlplat.loops.embodied import EnvCollector, embodied_run
 from rlplat.train import run
+from rlplat.validate import ConfigError, validate
 
 # 8 envs x 10 steps per iteration, 2 minibatches, 4 eval episodes.
 SMALL = [
@@ -39,7 +42,7 @@ def test_colocated_run_writes_metrics_checkpoints_and_media(ray_local, tmp_path)
     assert "eval/success_rate" in rows[1] and "eval/success_rate" not in rows[0]
     assert 0.0 <= final["eval/success_rate"] <= 1.0 and final["train/minibatches"] > 0
     assert (tmp_path / "config.yaml").exists()
-    # keep_checkpoints=2 keeps steps 2 and 3.
+    # keep_last=2 keeps steps 2 and 3.
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step_2", "step_3"]
     assert (tmp_path / "checkpoints/step_3/policy/model.safetensors").exists()
@@ -112,30 +115,138 @@ def _cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_kill_9_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path):
-    args = [*SMALL, "trainer.total_steps=30", "trainer.checkpoint_every=3", "trainer.eval_every=5",
-            "trainer.save_video=false", "logger.log_every=1000"]
-    ref = _cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], tmp_path)
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+# 30 iterations, a checkpoint every 3: the run the interrupted ones must reproduce.
+STOP_ARGS = [*SMALL, "trainer.total_steps=30", "trainer.checkpoint_every=3", "trainer.eval_every=5",
+             "trainer.save_video=false", "logger.log_every=1000"]
 
-    victim = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, start_new_session=True)
-    ckpt = tmp_path / "run/checkpoints/step_6"
-    deadline = time.time() + 240
-    while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    """Deterministic metrics of STOP_ARGS run to the end without interruption."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    ref = _cli([*STOP_ARGS, f"hydra.run.dir={folder / 'ref'}"], folder)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    return [_deterministic(r) for r in read_metrics(folder / "ref/metrics.jsonl")]
+
+
+def _resume_matches(run_dir: Path, cwd: Path, want: list[dict]) -> str:
+    resumed = _cli([*STOP_ARGS, f"hydra.run.dir={run_dir}", "resume=true"], cwd)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    got = [_deterministic(r) for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in got] == list(range(1, 31))
+    assert got == want
+    return out
+
+
+def _wait_for(victim: subprocess.Popen, done, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not done() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+
+
+def test_kill_9_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
+    victim = _cli([*STOP_ARGS, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, start_new_session=True)
+    ckpt = tmp_path / "run/checkpoints/step_6"
+    _wait_for(victim, ckpt.exists)
     os.killpg(victim.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     victim.wait()
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
     assert ckpt.exists() and rows[-1]["step"] < 30, "the run finished before it could be killed"
-
-    resumed = _cli([*args, f"hydra.run.dir={tmp_path / 'run'}", "resume=true"], tmp_path)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
+    out = _resume_matches(tmp_path / "run", tmp_path, uninterrupted)
     assert "resumed from" in out
-    got = [_deterministic(r) for r in read_metrics(tmp_path / "run/metrics.jsonl")]
-    want = [_deterministic(r) for r in read_metrics(tmp_path / "ref/metrics.jsonl")]
-    assert [r["step"] for r in got] == list(range(1, 31))
-    assert got == want
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["sigterm-driver", "sigint-process-group"])
+def test_stop_signal_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted, sig, to_group):
+    # SIGTERM to the driver (what a scheduler sends); SIGINT to the whole group (Ctrl-C in a terminal).
+    run_dir = tmp_path / "run"
+    victim = _cli([*STOP_ARGS, f"hydra.run.dir={run_dir}"], tmp_path, start_new_session=True)
+    _wait_for(victim, lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir / "metrics.jsonl")) >= 4)
+    (os.killpg if to_group else os.kill)(victim.pid, sig)
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + sig, out
+    assert "Traceback" not in out, out
+    stopped_at = read_metrics(run_dir / "metrics.jsonl")[-1]["step"]
+    assert 4 <= stopped_at < 30, out
+    # A checkpoint of the step it stopped after (not only the last periodic one), and the command to resume.
+    assert (run_dir / f"checkpoints/step_{stopped_at}").is_dir(), out
+    assert f"stopped after step {stopped_at}" in out
+    assert f"resume with: rlplat-train {shlex.join(STOP_ARGS)} hydra.run.dir={run_dir} resume=true" in out, out
+    time.sleep(2)
+    with pytest.raises(ProcessLookupError):  # Ray shut down: nothing of the run's process group is left
+        os.killpg(victim.pid, 0)
+    _resume_matches(run_dir, tmp_path, uninterrupted)
+
+
+def test_a_second_signal_exits_at_once_without_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    victim = _cli([*STOP_ARGS, f"hydra.run.dir={run_dir}"], tmp_path, start_new_session=True)
+    _wait_for(victim, lambda: (run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir / "metrics.jsonl")) >= 2)
+    os.kill(victim.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGINT)
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 130, out
+    assert "SIGINT again: exiting at once" in out and "Traceback" not in out, out
+    time.sleep(2)
+    with pytest.raises(ProcessLookupError):  # Ray shut down here too
+        os.killpg(victim.pid, 0)
+
+
+# STOP_ARGS on two env workers (envs 0-3 and 4-7).
+TWO_ENV_WORKERS = ["placement.num_devices=2", "placement.roles.env=0-1", "placement.cpus_per_device=0.5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_env_workers(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("uninterrupted2")
+    ref = _cli([*STOP_ARGS, *TWO_ENV_WORKERS, f"hydra.run.dir={folder / 'ref'}"], folder)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    return [_deterministic(r) for r in read_metrics(folder / "ref/metrics.jsonl")]
+
+
+def _kill_an_env_worker(victim: subprocess.Popen) -> int:
+    """SIGKILL one of the run's two EnvWorker processes; returns its pid."""
+    import psutil
+
+    workers = [p for p in psutil.Process(victim.pid).children(recursive=True)
+               if "EnvWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    workers[-1].kill()
+    return workers[-1].pid
+
+
+@pytest.mark.parametrize("max_restarts", [0, 1])
+def test_a_dead_env_worker_is_named_and_restarted_from_the_last_checkpoint(
+        tmp_path, uninterrupted_two_env_workers, max_restarts):
+    run_dir = tmp_path / "run"
+    victim = _cli([*STOP_ARGS, *TWO_ENV_WORKERS, f"trainer.max_restarts={max_restarts}", f"hydra.run.dir={run_dir}"],
+                  tmp_path, start_new_session=True)
+    _wait_for(victim, (run_dir / "checkpoints/step_6").exists)
+    pid = _kill_an_env_worker(victim)
+    out, _ = victim.communicate(timeout=400)
+    # The message names the worker that was killed: its rank, device, pid and envs.
+    named = re.search(rf"EnvWorker rank (\d) of 2 \(group 'env', device (\d), pid {pid}, training envs (\d)-(\d)\) "
+                      rf"died: ", out)
+    assert named, out
+    rank = int(named.group(1))
+    assert int(named.group(2)) == rank and named.group(3, 4) == (("0", "3"), ("4", "7"))[rank]
+    assert "Traceback" not in out, out
+    if max_restarts == 0:
+        assert victim.returncode == 1, out
+        assert f"resume with: rlplat-train {shlex.join(STOP_ARGS)}" in out and "trainer.max_restarts=N" in out, out
+        return
+    assert victim.returncode == 0, out
+    assert "restart 1 of trainer.max_restarts=1" in out, out
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # From the restored checkpoint on, the run is the uninterrupted one; the restart is counted.
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    restored = next(r["step"] for r in rows if "faults/restarts" in r) - 1
+    assert restored >= 6 and all(r["faults/restarts"] == 1 for r in rows[restored:])
+    got = [{k: v for k, v in _deterministic(r).items() if k != "faults/restarts"} for r in rows]
+    assert got == uninterrupted_two_env_workers
 
 
 def test_multirun_makes_one_run_dir_per_job(tmp_path):
@@ -197,8 +308,8 @@ def test_ppo_without_a_value_head_fails_before_ray_starts(tmp_path):
     from rlplat.loops.embodied import check_config
 
     assert not check_config(grpo).needs_value
-    with pytest.raises(ValueError, match=r"trainer.eval_num_envs=0 must be >= 1, or null"):
-        check_config(compose([*SMALL, "trainer.eval_num_envs=0"]))
+    with pytest.raises(ConfigError, match=r"trainer.eval_num_envs=0 must be >= 1"):
+        validate(compose([*SMALL, "trainer.eval_num_envs=0"]), tmp_path)
 
 
 def test_eval_at_start_logs_the_loaded_policy_as_step_0(ray_local, tmp_path):

@@ -82,7 +82,7 @@ def test_resume_continues_with_the_same_samples(ray_local, tiny_cache, tmp_path)
     args = [*TINY, "preference=shapes_fidelity", "algo=ddpo", "algo.advantage=per_prompt", "algo.group_size=2",
             "algo.batch_size=2", "algo.num_minibatches=1", "algo.tracker_min_count=2", "algo.optim.anneal_lr=false",
             "trainer.eval_every=0",
-            "trainer.eval_episodes=2", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0"]
+            "trainer.eval_episodes=2", "trainer.checkpoint_every=1", "trainer.keep_last=0"]
     run(compose([*args, "trainer.total_steps=3"]), tmp_path / "full")
     cut = tmp_path / "cut"
     run(compose([*args, "trainer.total_steps=2"]), cut)
