@@ -4,8 +4,8 @@
   contracts ``rlplat.envs.base`` and ``rlplat.policies.base``. Which families exist is known
   only to ``rlplat/registry.py``, as module names it imports at start.
 - No family (``envs/``, ``policies/``) imports the core beyond the data types the contracts name
-  (``rlplat.batch``) and the registry it declares itself in; envs and policies do not import
-  each other's families.
+  (``rlplat.batch``, the pair-data format ``rlplat.pairs``) and the registry it declares itself
+  in; envs and policies do not import each other's families.
 
 Every import counts, also those inside functions.
 """
@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = {"rlplat.envs.base", "rlplat.policies.base"}
-CORE_TYPES_FOR_FAMILIES = {"rlplat", "rlplat.batch", "rlplat.registry"}
+CORE_TYPES_FOR_FAMILIES = {"rlplat", "rlplat.batch", "rlplat.registry", "rlplat.pairs"}
 
 
 def module_name(path: Path) -> str:
