@@ -60,6 +60,9 @@ class OpenVLAPolicyConfig:
     value_detach: bool = False
     # Sampling temperature of rollouts.
     temperature: float = checked(1.0, gt=0)
+    # Log-probs per action token ([B, action_dim]: PPO/GRPO clip each token's ratio, token-level
+    # RL as in RL4VLA / RLinf) instead of per action (their sum, [B]).
+    logprob_per_token: bool = False
     # Statistics entry that unnormalises actions (null: the only one).
     unnorm_key: str | None = None
     # Keep the vision tower(s) fixed.

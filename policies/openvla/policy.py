@@ -201,6 +201,7 @@ class OpenVLAPolicy(ActionPolicy):
         value_lr: Learning rate of the value head (null: the algorithm's lr).
         value_detach: Stop the value loss from shaping the shared trunk.
         temperature: Sampling temperature of rollouts (log-probs are at this temperature).
+        logprob_per_token: Log-probs per action token [B, D] instead of per action [B].
         unnorm_key: Which statistics entry unnormalises actions (null: the only one).
         freeze_vision: Keep the vision backbone(s) fixed.
         gradient_checkpointing: Recompute LLM activations in backward (large models).
@@ -224,6 +225,7 @@ class OpenVLAPolicy(ActionPolicy):
         value_lr: float | None = None,
         value_detach: bool = False,
         temperature: float = 1.0,
+        logprob_per_token: bool = False,
         unnorm_key: str | None = None,
         freeze_vision: bool = False,
         gradient_checkpointing: bool = False,
@@ -243,6 +245,7 @@ class OpenVLAPolicy(ActionPolicy):
             raise ValueError(f"policy.temperature must be > 0, got {temperature}")
         self.action_dim = int(np.prod(action_space.shape))
         self.temperature = float(temperature)
+        self.logprob_per_token = bool(logprob_per_token)
         self.value_detach = bool(value_detach)
         self.value_lr = value_lr
         self.export_base = bool(export_base)
@@ -336,7 +339,7 @@ class OpenVLAPolicy(ActionPolicy):
         values = self._value(hidden).cpu() if self.has_value else None
         return ActOutput(
             actions=self.tokens_to_actions(tokens),
-            logprobs=logprobs.sum(-1).float().cpu(),
+            logprobs=(logprobs if self.logprob_per_token else logprobs.sum(-1)).float().cpu(),
             values=values,
             extras={TOKENS_KEY: tokens.cpu()},
         )
@@ -353,7 +356,8 @@ class OpenVLAPolicy(ActionPolicy):
             action_tokenizer=self.action_tokenizer, temperature=self.temperature,
         )
         values = self._value(out["hidden"]).cpu() if self.has_value else None
-        return EvalOutput(logprobs=out["action_logprob"].cpu(), entropy=out["entropy"].cpu(), values=values)
+        logprobs = out["token_logprobs"] if self.logprob_per_token else out["action_logprob"]
+        return EvalOutput(logprobs=logprobs.cpu(), entropy=out["entropy"].cpu(), values=values)
 
     def evaluate_actions_reference(
         self, obs: Observation, actions: torch.Tensor, extras: Mapping[str, torch.Tensor] | None = None

@@ -79,6 +79,17 @@ def test_evaluate_without_tokens_tokenises_the_actions(env, cache, obs) -> None:
     torch.testing.assert_close(by_actions, by_tokens)
 
 
+def test_per_token_logprobs_sum_to_the_per_action_ones(env, cache, obs) -> None:
+    per_action, per_token = make(env, cache), make(env, cache, logprob_per_token=True)
+    with torch.no_grad():
+        out = per_token.act(obs, deterministic=True)
+        tokens = per_token.evaluate_actions(obs, out.actions, out.extras).logprobs
+        actions = per_action.evaluate_actions(obs, out.actions, out.extras).logprobs
+    assert out.logprobs.shape == tokens.shape == (6, 2) and actions.shape == (6,)
+    torch.testing.assert_close(out.logprobs, tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens.sum(-1), actions, atol=1e-5, rtol=0)
+
+
 def test_action_stats_unnormalise_decoded_actions(env, cache, obs) -> None:
     policy = make(env, cache)
     demos = np.stack([np.linspace(-0.5, 0.5, 200), np.linspace(0.0, 0.2, 200)], axis=1)
