@@ -177,7 +177,8 @@ def test_stop_signal_checkpoints_exits_cleanly_and_resumes_exactly(tmp_path, uni
     time.sleep(2)
     with pytest.raises(ProcessLookupError):  # Ray shut down: nothing of the run's process group is left
         os.killpg(victim.pid, 0)
-    _resume_matches(run_dir, tmp_path, uninterrupted)
+    if sig == signal.SIGTERM:  # the same checkpoint path for both signals: one exact-resume check
+        _resume_matches(run_dir, tmp_path, uninterrupted)
 
 
 def test_a_second_signal_exits_at_once_without_traceback(tmp_path):
@@ -218,9 +219,32 @@ def _kill_an_env_worker(victim: subprocess.Popen) -> int:
     return workers[-1].pid
 
 
-@pytest.mark.parametrize("max_restarts", [0, 1])
-def test_a_dead_env_worker_is_named_and_restarted_from_the_last_checkpoint(
-        tmp_path, uninterrupted_two_env_workers, max_restarts):
+def test_without_restarts_a_dead_worker_stops_the_run_with_the_resume_command(tmp_path):
+    from types import SimpleNamespace
+
+    from rlplat.runtime.worker_group import WorkerDied
+    from rlplat.train import run_restarting
+
+    group = SimpleNamespace(name="env", worker_cls=SimpleNamespace(__name__="EnvWorker"), world_size=2,
+                            devices=[0, 1], pids=[11, 12], labels=["training envs 0-3", "training envs 4-7"])
+    builds = []
+
+    def build(cfg, run_dir, algo):
+        builds.append(run_dir)
+        raise WorkerDied(group, 1, "died: SYSTEM_ERROR: killed")
+
+    cfg = compose([*SMALL, "trainer.max_restarts=0"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_restarting(cfg, tmp_path, build, algo=None)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: EnvWorker rank 1 of 2 (group 'env', device 1, pid 12, training envs 4-7) "
+                              "died: SYSTEM_ERROR: killed"), message
+    assert f"hydra.run.dir={tmp_path.resolve()} resume=true" in message and "trainer.max_restarts=N" in message
+    assert len(builds) == 1
+
+
+def test_a_dead_env_worker_is_named_and_restarted_from_the_last_checkpoint(tmp_path, uninterrupted_two_env_workers):
+    max_restarts = 1
     run_dir = tmp_path / "run"
     victim = _cli([*STOP_ARGS, *TWO_ENV_WORKERS, f"trainer.max_restarts={max_restarts}", f"hydra.run.dir={run_dir}"],
                   tmp_path, start_new_session=True)
@@ -234,10 +258,6 @@ def test_a_dead_env_worker_is_named_and_restarted_from_the_last_checkpoint(
     rank = int(named.group(1))
     assert int(named.group(2)) == rank and named.group(3, 4) == (("0", "3"), ("4", "7"))[rank]
     assert "Traceback" not in out, out
-    if max_restarts == 0:
-        assert victim.returncode == 1, out
-        assert f"resume with: rlplat-train {shlex.join(STOP_ARGS)}" in out and "trainer.max_restarts=N" in out, out
-        return
     assert victim.returncode == 0, out
     assert "restart 1 of trainer.max_restarts=1" in out, out
     rows = read_metrics(run_dir / "metrics.jsonl")
