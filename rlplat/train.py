@@ -57,13 +57,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 run_to_end(embodied_run(warm_cfg, warm_dir, checked.warm_algo))
             cfg = copy.deepcopy(cfg)
             cfg.policy.init_from = str(warm_dir)
-        return run_restarting(cfg, run_dir, build, checked.algo)
+        return run_restarting(cfg, run_dir, build, checked)
 
 
-def run_restarting(cfg: DictConfig, run_dir: Path, build: Any, algo: Any) -> dict:
-    """``build(cfg, run_dir, algo)`` run to the end; when a worker dies, the workers are rebuilt
-    and restored from the run's newest checkpoint, up to ``trainer.max_restarts`` times, else the
-    run stops naming the worker and the resume command."""
+def run_restarting(cfg: DictConfig, run_dir: Path, build: Any, checked: Any) -> dict:
+    """``build(cfg, run_dir, checked.algo)`` run to the end from ``checked.resume_from`` (what
+    ``validate`` found and verified); when a worker dies, the workers are rebuilt and restored
+    from the run's newest checkpoint, up to ``trainer.max_restarts`` times, else the run stops
+    naming the worker and the resume command."""
     from rlplat import checkpoint
     from rlplat.logging import METRICS_FILE, truncate_metrics
     from rlplat.runtime.worker_group import WorkerDied
@@ -72,8 +73,8 @@ def run_restarting(cfg: DictConfig, run_dir: Path, build: Any, algo: Any) -> dic
     restarts = 0
     while True:
         try:
-            loop = build(cfg, run_dir, algo)
-            loop.restarts = restarts
+            loop = build(cfg, run_dir, checked.algo)
+            loop.restarts, loop.resume_from = restarts, checked.resume_from
             return run_to_end(loop)
         except WorkerDied as err:
             limit = int(cfg.trainer.max_restarts)
@@ -89,7 +90,7 @@ def run_restarting(cfg: DictConfig, run_dir: Path, build: Any, algo: Any) -> dic
                 truncate_metrics(run_dir / METRICS_FILE, run_dir / METRICS_FILE, -1)  # starts over from step 0
             print(f"warning: {err}\nrestart {restarts} of trainer.max_restarts={limit}: rebuilding the workers "
                   f"from {'the newest checkpoint' if cfg.resume else 'the start'}", flush=True)
-            algo = validate(cfg, run_dir).algo
+            checked = validate(cfg, run_dir)
 
 
 def run_to_end(loop: Any) -> dict:

@@ -168,6 +168,9 @@ class Run:
         self.policy_groups: list[WorkerGroup] = []
         # Times the run's workers were recreated after one died (trainer.max_restarts).
         self.restarts = 0
+        # The checkpoint to resume, when the caller has found and verified it already
+        # (``validate``); None: ``restore_or_reset`` resolves ``cfg.resume`` itself.
+        self.resume_from: Path | None = None
         try:
             collector.build(self.placement, env_vars)
             self._build_policy_groups(collector.policy_workers(), env_vars)
@@ -262,7 +265,7 @@ class Run:
 
     def restore_or_reset(self) -> int:
         """Loads the checkpoint ``resume`` names (returning its step), else starts at 0."""
-        folder = checkpoint.find_resume_checkpoint(self.cfg.resume, self.run_dir)
+        folder = self.resume_from or checkpoint.find_resume_checkpoint(self.cfg.resume, self.run_dir)
         if folder is None:
             return 0
         state = checkpoint.load_trainer_state(folder)

@@ -235,7 +235,7 @@ def test_without_restarts_a_dead_worker_stops_the_run_with_the_resume_command(tm
 
     cfg = compose([*SMALL, "trainer.max_restarts=0"])
     with pytest.raises(SystemExit) as exit_info:
-        run_restarting(cfg, tmp_path, build, algo=None)
+        run_restarting(cfg, tmp_path, build, SimpleNamespace(algo=None, resume_from=None))
     message = str(exit_info.value.code)
     assert message.startswith("error: EnvWorker rank 1 of 2 (group 'env', device 1, pid 12, training envs 4-7) "
                               "died: SYSTEM_ERROR: killed"), message
