@@ -528,7 +528,7 @@ class ManiSkillEnv(SimVectorEnv):
                       "add the task there once its randomisation is known to live in the state dict")
             return VectorEnv.reset_groups(self, seed=seed, group_size=group_size)
         _, info = self.reset(seed=seed)
-        self._last_obs = self._with_instruction(self._sim.copy_starts(leaders))
+        self._last_obs = self._with_instruction(self._sim_call("copy_starts", leaders))
         return self._last_obs, info
 
 

@@ -366,8 +366,7 @@ class SimVectorEnv(VectorEnv, abc.ABC):
                 raise
             self._sim.close(terminate=True)  # the others too: the vector cannot go on without it
             index, code, envs = dead[0]
-            total = len(getattr(self._sim, "slices", [])) or self.num_envs
-            raise SimulatorDied(f"lost its simulator process {index} of {total} (this shard's envs {envs.start}-"
+            raise SimulatorDied(f"lost its simulator process {index} (this shard's envs {envs.start}-"
                                 f"{envs.stop - 1}; {_exit_words(code)})") from err
 
     def reset(self, *, seed: Seed = None, options: dict[str, Any] | None = None) -> tuple[Obs, dict[str, Any]]:
@@ -401,14 +400,14 @@ class SimVectorEnv(VectorEnv, abc.ABC):
     def render(self, index: int = 0) -> np.ndarray:
         if self._last_obs is not None and "image" in self._last_obs:
             return self._last_obs["image"][index]
-        return self._sim.render(index)
+        return self._sim_call("render", index)
 
     def get_state(self) -> dict[str, Any]:
-        return {"sim": self._sim.snapshot(), "ep_return": self._ep_return.copy(),
+        return {"sim": self._sim_call("snapshot"), "ep_return": self._ep_return.copy(),
                 "ep_length": self._ep_length.copy(), "last_obs": self._last_obs}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._sim.restore(state["sim"])
+        self._sim_call("restore", state["sim"])
         self._ep_return[:] = state["ep_return"]
         self._ep_length[:] = state["ep_length"]
         self._last_obs = state["last_obs"]
