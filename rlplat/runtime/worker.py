@@ -34,3 +34,8 @@ class Worker:
     def pid(self) -> int:
         """Return the id of the process this worker runs in."""
         return os.getpid()
+
+    @register(Dispatch.ONE_TO_ALL)
+    def close(self) -> None:
+        """Release what the worker holds outside its own process (subprocesses, files) before
+        the group kills it; the default holds nothing."""

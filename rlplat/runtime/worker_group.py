@@ -20,6 +20,8 @@ from rlplat.runtime.worker import Worker
 # their results (so their errors are not reported again as unhandled), short enough not to
 # hang on ranks that the failed one blocks (e.g. in a collective).
 ERROR_GRACE_S = 5.0
+# How long ``shutdown`` lets the workers close what they hold before killing them.
+CLOSE_GRACE_S = 15.0
 
 
 class WorkerDied(RuntimeError):
@@ -240,7 +242,11 @@ class WorkerGroup:
         return GroupCall(refs, functools.partial(collect_results, mode), self)
 
     def shutdown(self) -> None:
-        """Kill the actors (idempotent)."""
+        """Let the live actors close what they hold (simulator subprocesses: killing their parent
+        would orphan them), at most ``CLOSE_GRACE_S``, then kill the actors (idempotent)."""
+        if self.workers:
+            refs = [worker.close.remote() for worker in self.workers]
+            ray.wait(refs, num_returns=len(refs), timeout=CLOSE_GRACE_S)  # dead ones answer at once, with their error
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []

@@ -95,6 +95,15 @@ class EnvWorker(Worker):
                                         action_space=train.single_action_space, roles=["rollout"],
                                         torch_threads=torch_threads, **policy)
 
+    @register(Dispatch.ONE_TO_ALL)
+    def close(self) -> None:
+        """Closes both splits' envs, so their simulator subprocesses exit with this worker."""
+        for split, env in self.envs.items():
+            try:
+                env.close()
+            except Exception as err:  # a shard whose simulator died is already closed; close the other split too
+                print(f"warning: closing the {split} envs of env worker {self.rank}: {err}", flush=True)
+
     @register(Dispatch.RANK_ZERO)
     def spec(self) -> dict[str, Any]:
         """Single observation/action spaces and the episode limit, for building policies."""

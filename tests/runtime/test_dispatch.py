@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -74,6 +75,19 @@ class BrokenWorker(Worker):
         raise RuntimeError("no simulator here")
 
 
+class ClosingWorker(Worker):
+    """Leaves a file per rank when asked to close (what a simulator-holding worker releases)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, folder: str = "") -> None:
+        super().__init__(rank, world_size)
+        self.folder = folder
+
+    @register(Dispatch.ONE_TO_ALL)
+    def close(self) -> None:
+        with open(f"{self.folder}/closed_{self.rank}", "w") as f:
+            f.write(str(os.getpid()))
+
+
 def make_batch(n: int) -> Batch:
     instructions = [f"t{i}" for i in range(n)]
     return Batch({"x": torch.arange(n)}, extras={"instruction": instructions}, meta={"step": 7})
@@ -85,6 +99,7 @@ def make_batch(n: int) -> Batch:
 def test_register_marks_methods_including_inherited_ones() -> None:
     assert registered_methods(EchoWorker) == {
         "bundle": Dispatch.ONE_TO_ALL,
+        "close": Dispatch.ONE_TO_ALL,
         "fail": Dispatch.ONE_TO_ALL,
         "leader": Dispatch.RANK_ZERO,
         "pid": Dispatch.ONE_TO_ALL,
@@ -204,6 +219,18 @@ def test_colocated_groups_share_placement_bundles(ray_local: None) -> None:
         for group in groups:
             group.shutdown()
         placement.remove()
+
+
+def test_shutdown_lets_live_workers_close_before_killing_them(ray_local: None, tmp_path) -> None:
+    group = WorkerGroup(ClosingWorker, devices=[0, 1, 2], share=0.5, init_kwargs={"folder": str(tmp_path)})
+    pids = group.pid()
+    ray.kill(group.workers[1])  # a dead rank neither blocks nor fails the shutdown
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(group.workers[1].ping.remote(), timeout=60)
+    group.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["closed_0", "closed_2"]
+    assert (tmp_path / "closed_2").read_text() == str(pids[2])
+    group.shutdown()  # idempotent
 
 
 def test_constructor_errors_surface_when_the_group_is_built(ray_local: None) -> None:
