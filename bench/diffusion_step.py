@@ -1,7 +1,13 @@
-"""One D3PO update on a text-to-image UNet: time and peak memory, LoRA vs full fine-tuning.
+"""One D3PO or Diffusion-DPO update on a text-to-image UNet: time and peak memory, LoRA vs full fine-tuning.
 
     python bench/diffusion_step.py                         # tiny model on CPU, both variants
     python bench/diffusion_step.py --shape sd15 --device cuda --steps 20 --pairs 4   # one GPU
+    python bench/diffusion_step.py --algo dpo --pairs 8    # one Diffusion-DPO optimizer step
+
+``--algo dpo``: one optimizer step of ``DiffusionDPO.update`` on ``--pairs`` pairs of random
+images at the model's resolution, ``--micro-batch`` pairs per pass (the reference is the adapter
+disabled for LoRA and a frozen copy, bfloat16 on a GPU, for full fine-tuning, so the full
+variant's memory includes the copy). Otherwise (D3PO):
 
 Each variant runs in a fresh subprocess (so the process's peak memory is its own): build or load
 the model, sample ``--pairs`` pairs of ``--steps`` DDIM steps sharing x_T, label them with JPEG
@@ -53,6 +59,40 @@ def build_sd15_shaped(folder: Path) -> Path:
     return folder
 
 
+def run_dpo_step(args: argparse.Namespace, policy, device: torch.device) -> dict:
+    """One Diffusion-DPO optimizer step on random pairs: the numbers for the table."""
+    from rlplat.algos.dpo import DiffusionDPO
+    from rlplat.algos.optim import build_optimizer
+    from rlplat.batch import Batch
+
+    algo = DiffusionDPO(beta=5000.0, batch_size=args.pairs, micro_batch=args.micro_batch, num_minibatches=1,
+                        reference="auto", optim={"lr": 1e-5, "eps": 1e-8, "max_grad_norm": 1.0, "weight_decay": 0.0})
+    algo.check(args.lora_r if args.variant == "lora" else 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    algo.attach(policy)
+    optimizer = build_optimizer(policy.param_groups(1e-5), algo.optim)
+    side = policy.latent_shape[-1] * (8 if policy.vae is not None else policy.fold)
+    rng = np.random.default_rng(0)
+    images = torch.as_tensor(rng.integers(0, 256, (2, args.pairs, side, side, 3), dtype=np.uint8))
+    prompts = (["a red circle", "two blue squares", "three green triangles", "a yellow square"] * args.pairs)[: args.pairs]
+    batch = Batch({"images_w": images[0], "images_l": images[1]}, extras={"prompts": prompts})
+    policy.train()
+    t1 = time.perf_counter()
+    metrics = algo.update(policy, optimizer, batch, torch.Generator().manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t_update = time.perf_counter() - t1
+    params = [p for p in policy.parameters() if p.requires_grad]
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"variant": args.variant, "trainable_params": sum(p.numel() for p in params),
+            "unet_params": sum(p.numel() for p in policy.unet.parameters()), "sample_s": 0.0, "update_s": t_update,
+            "peak_mb": peak, "pairs": args.pairs, "micro_batch": args.micro_batch, "loss": metrics["train/loss"],
+            "reference": "adapter disabled" if algo.reference_model is None else "frozen copy",
+            "peak_kind": "CUDA max allocated in the step" if device.type == "cuda" else "process peak RSS"}
+
+
 def run_variant(args: argparse.Namespace) -> dict:
     """One variant, in this process: the numbers for the table."""
     from rlplat.algos.d3po import d3po_step_loss, order_pairs
@@ -68,6 +108,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     policy = TextToImagePolicy(path=path, tiny=TINY if not path else None, cache_dir=args.cache_dir, device=args.device,
                                num_steps=args.steps, guidance_scale=args.guidance, lora=lora,
                                dtype="bfloat16" if args.bf16 else "float32")
+    if args.algo == "dpo":
+        return run_dpo_step(args, policy, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     prompts = ["a red circle", "two blue squares", "three green triangles", "a yellow square"] * args.pairs
@@ -110,6 +152,8 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algo", choices=["d3po", "dpo"], default="d3po")
+    parser.add_argument("--micro-batch", type=int, default=None, help="dpo: pairs per forward pass (default: --pairs)")
     parser.add_argument("--shape", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--path", default=None, help="a local diffusers folder (e.g. real SD1.5) instead")
     parser.add_argument("--device", default="cpu")
@@ -123,11 +167,12 @@ def main() -> None:
     parser.add_argument("--variant", choices=["lora", "full"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion_step.json")
     args = parser.parse_args()
+    args.micro_batch = args.micro_batch or args.pairs
     if args.variant:  # child process: one variant, JSON on the last stdout line
         print(json.dumps(run_variant(args)))
         return
     args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="rlplat-diffusion-step-")
-    forwarded = ["--shape", args.shape, "--device", args.device, "--steps", str(args.steps), "--pairs",
+    forwarded = ["--algo", args.algo, "--micro-batch", str(args.micro_batch), "--shape", args.shape, "--device", args.device, "--steps", str(args.steps), "--pairs",
                  str(args.pairs), "--guidance", str(args.guidance), "--lora-r", str(args.lora_r), "--threads",
                  str(args.threads), "--cache-dir", args.cache_dir, *(["--path", args.path] if args.path else []),
                  *(["--bf16"] if args.bf16 else [])]
@@ -139,7 +184,7 @@ def main() -> None:
             raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     lora, full = rows
-    result = {"shape": args.shape, "path": args.path, "device": args.device, "steps": args.steps, "pairs": args.pairs,
+    result = {"algo": args.algo, "shape": args.shape, "path": args.path, "device": args.device, "steps": args.steps, "pairs": args.pairs,
               "guidance": args.guidance, "variants": rows,
               "update_time_ratio_lora_over_full": lora["update_s"] / full["update_s"],
               "peak_memory_ratio_lora_over_full": lora["peak_mb"] / full["peak_mb"] if full["peak_mb"] > 0 else None}

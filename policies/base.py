@@ -150,9 +150,11 @@ class DiffusionPolicy(TrainableModule, abc.ABC):
         """log p(latents_prev | latents_t, t, cond) [B] with gradients, reduced as the config names."""
 
     @abc.abstractmethod
-    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, noise, t)``: clean latents noised at uniform training timesteps (the forward process)."""
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, noise, t)``: clean latents noised at training timesteps (the forward process);
+        ``noise`` / ``t`` not given are drawn (standard normal, uniform timesteps) with ``generator``.
+        Diffusion-DPO noises both images of a pair with the same ``noise`` and ``t``."""
 
     @abc.abstractmethod
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -120,17 +120,21 @@ def _plain(v: Any) -> Any:
 
 
 def _summary(row: Mapping[str, Any]) -> str:
-    # Embodied runs count env steps; preference runs count sampled (or demonstrated) images.
-    parts = [f"samples {row['samples']:,}"] if "samples" in row else [f"env_steps {row.get('env_steps', 0):,}"]
+    # Embodied runs count env steps; online preference runs sampled (or demonstrated) images;
+    # offline ones the pairs read.
+    counter = next((key for key in ("samples", "pairs") if key in row), "env_steps")
+    parts = [f"{counter} {row.get(counter, 0):,}"]
     for key, label in (
         ("perf/env_steps_per_s", "steps/s {:.0f}"),
         ("perf/samples_per_s", "samples/s {:.1f}"),
+        ("perf/pairs_per_s", "pairs/s {:.1f}"),
         ("train/success_rate", "train success {:.2f}"),
         ("train/episode_return", "return {:.2f}"),
         ("reward/mean", "reward {:.3f}"),
         ("train/loss", "loss {:.4f}"),
         ("eval/success_rate", "EVAL success {:.2f}"),
         ("eval/reward", "EVAL reward {:.3f}"),
+        ("eval/win_rate_vs_base", "win rate {:.2f}"),
     ):
         if row.get(key) is not None:
             parts.append(label.format(row[key]))

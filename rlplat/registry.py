@@ -25,8 +25,8 @@ KINDS = ("policy", "env", "preference", "algo")
 
 #: Modules that define rlplat's own parts (the only place the core names a concrete family).
 BUILTIN_MODULES = (
-    *(f"rlplat.algos.{name}" for name in ("ppo", "grpo", "sft", "d3po", "ddpo", "diffusion_sft")),
-    *(f"rlplat.envs.{name}" for name in ("toy", "maniskill", "libero", "preference.online")),
+    *(f"rlplat.algos.{name}" for name in ("ppo", "grpo", "sft", "d3po", "ddpo", "diffusion_sft", "dpo")),
+    *(f"rlplat.envs.{name}" for name in ("toy", "maniskill", "libero", "preference.online", "preference.offline")),
     *(f"rlplat.policies.{name}" for name in ("mlp", "constant", "openvla.config", "diffusion.config")),
 )
 

@@ -39,6 +39,29 @@ DOWNLOAD_HINT = ("download it once on a machine with hub access: `hf download yu
                  "for the 20k-pair validation split only), copy the folder here and set PICKAPIC_PATH to it")
 
 
+def split_files(files: list[Path], split: str) -> list[Path]:
+    """The shards of ``split``: file names ``<split>-NNNNN-of-NNNNN*.parquet`` (so ``validation``
+    does not take ``validation_unique``'s shards)."""
+    return [f for f in files if f.name.startswith(split + "-") or f.stem == split]
+
+
+def split_captions(path: str | Path, split: str, limit: int | None = None) -> list[str]:
+    """The distinct non-empty captions of ``split`` in stored order (the caption column only)."""
+    import pyarrow.parquet as pq
+
+    root = Path(path).expanduser()
+    captions: dict[str, None] = {}
+    for file in split_files([root] if root.is_file() else sorted(root.rglob("*.parquet")), split):
+        reader = pq.ParquetFile(file)
+        for group in range(reader.num_row_groups):
+            for caption in reader.read_row_group(group, columns=["caption"]).column("caption").to_pylist():
+                if caption and caption.strip():
+                    captions.setdefault(caption, None)
+                    if limit is not None and len(captions) >= limit:
+                        return list(captions)
+    return list(captions)
+
+
 class PickAPicSource:
     """Pairs of a Pick-a-Pic v2 folder (see the module docstring), streamed and resumable.
 
@@ -64,7 +87,7 @@ class PickAPicSource:
             raise FileNotFoundError(f"preference.path={path}: no Pick-a-Pic folder there; {DOWNLOAD_HINT}")
         files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
         if split:
-            files = [f for f in files if f.name.startswith(split)]
+            files = split_files(files, split)
         if not files:
             raise FileNotFoundError(f"preference.path={path} holds no {split + '-*' if split else ''}.parquet "
                                     f"shards; {DOWNLOAD_HINT}")

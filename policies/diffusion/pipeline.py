@@ -363,12 +363,15 @@ class TextToImagePolicy(DiffusionPolicy):
             meta={"guidance_scale": g, "eta": self.eta, "reduction": self.reduction},
         )
 
-    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, noise, t)``: ``x0`` noised with fresh noise at uniform training timesteps
-        (``generator`` draws both, on the CPU)."""
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, noise, t)``: ``x0`` noised at training timesteps; ``noise`` and ``t`` not given
+        are drawn fresh (standard normal, uniform timesteps) by ``generator`` on the CPU."""
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator)
+        if t is None:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+        noise, t = noise.to(x0.device, x0.dtype), t.to(x0.device)
         return self.scheduler.add_noise(x0, noise, t), noise, t
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -210,6 +210,9 @@ class PreferenceAlgorithm(abc.ABC):
     samples_per_prompt: ClassVar[int] = 1
     #: Whether the trajectories of one prompt start from the same x_T.
     share_noise: ClassVar[bool] = False
+    #: What the algorithm learns from: "online" (a preference source's prompts and score, or its
+    #: demonstrations) or "pairs" (a dataset of preference pairs, read by the offline collector).
+    source_kind: ClassVar[str] = "online"
 
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
@@ -234,6 +237,10 @@ class PreferenceAlgorithm(abc.ABC):
                 f"{type(self).__name__} scores the reference as the policy with its LoRA adapter disabled, but "
                 f"policy.lora.r={lora_rank}: set policy.lora.r>0, or algo.reference=sampled / algo.kl_coef=0"
             )
+
+    def attach(self, policy: Any) -> None:
+        """Called once on the actor with the policy as built, before any checkpoint is loaded
+        (e.g. to keep a frozen copy of the starting weights as the reference)."""
 
     def check_source(self, data: Any) -> None:
         """Checks that the run's training data (the source's prompt set) offers what the algorithm

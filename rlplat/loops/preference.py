@@ -1,8 +1,12 @@
-"""Online preference tuning of text-to-image policies: sample images -> score / label -> batch.
+"""Preference tuning of text-to-image policies: the two collectors of image-model runs.
 
-The collector of the shared run skeleton (``rlplat.loops.skeleton.Run``): the policy lives in
-Ray worker groups (rollout samples trajectories, actor trains; colocated they are one worker);
-the preference source (prompts, a score, tie rules) runs here in the controller.
+Online (``OnlinePreferenceCollector``): sample images -> score / label -> batch (D3PO, DDPO,
+diffusion SFT on demonstrations). Offline (``OfflinePreferenceCollector``): the next pairs of a
+preference dataset -> batch (Diffusion-DPO). Both are collectors of the shared run skeleton
+(``rlplat.loops.skeleton.Run``): the policy lives in Ray worker groups (rollout samples, actor
+trains; colocated they are one worker); the preference source runs here in the controller, and
+evaluation is the same for both (held-out prompts, fixed seeds, score and win rate over the
+images of the untuned model).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ log = logging.getLogger(__name__)
 GRID_IMAGES = 32
 
 
+#: The contract of preference sources that are datasets of pairs (envs/preference/offline.py).
+PAIR_SOURCE = "PreferencePairSource"
+SOURCE_WORDS = {"online": "images it samples and a score (online)", "pairs": "a dataset of preference pairs (offline)"}
+
+
 def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
     """Builds the algorithm and checks it against the policy and placement before Ray starts."""
     algo = instantiate(cfg.algo, _convert_="all")
@@ -39,6 +48,15 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
             f"algo._target_={cfg.algo._target_} trains action policies in environments, but this run has a "
             f"preference source (preference={cfg.preference._target_}): pick algo=d3po, ddpo or diffusion_sft"
         )
+    source = registry.part_for("preference", cfg.preference._target_)
+    kind = "pairs" if source is not None and source.contract == PAIR_SOURCE else "online"
+    if algo.source_kind != kind:
+        raise ValueError(
+            f"algo._target_={cfg.algo._target_} learns from {SOURCE_WORDS[algo.source_kind]}, but "
+            f"preference={cfg.preference._target_} gives {SOURCE_WORDS[kind]}: pick "
+            f"{'algo=dpo' if kind == 'pairs' else 'algo=d3po, ddpo or diffusion_sft'}, or "
+            f"{'preference=shapes_pairs or pickapic_v2' if algo.source_kind == 'pairs' else 'preference=shapes_fidelity'}")
+    registry.preflight("preference", cfg.preference)
     part = registry.part_for("policy", cfg.policy._target_)
     if part is None or part.contract != "DiffusionPolicy":
         raise ValueError(f"policy._target_={cfg.policy._target_} is not a registered text-to-image policy; "
@@ -68,6 +86,8 @@ class OnlinePreferenceCollector(Collector):
         self.source = instantiate(cfg.preference, _convert_="all")
         self.samples = 0
         self._rows, self._collect_s = 0, float("nan")
+        # Held-out scores at step 0 (the untuned model), for the win rate of later evaluations.
+        self.base_scores: np.ndarray | None = None
 
     def policy_workers(self) -> PolicyWorkers:
         return PolicyWorkers(DiffusionWorker)
@@ -84,12 +104,15 @@ class OnlinePreferenceCollector(Collector):
                 "perf/collect_s": self._collect_s}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "samples": self.samples, "algo": self.algo.state_dict()}
+        base = None if self.base_scores is None else self.base_scores.tolist()
+        return {**super().state_dict(), "samples": self.samples, "algo": self.algo.state_dict(), "base_scores": base}
 
     def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
         self.samples = state["samples"]
         super().load_state_dict(state, folder)
         self.algo.load_state_dict(state["algo"])
+        base = state.get("base_scores")
+        self.base_scores = None if base is None else np.asarray(base, np.float64)
 
     # ------------------------------------------------------------------ stages
     def collect(self, step: int) -> tuple[Batch, dict[str, Any]]:
@@ -139,18 +162,29 @@ class OnlinePreferenceCollector(Collector):
         fixed = np.random.default_rng([self.cfg.seed, 1])
         traj = self.generate(prompts, fixed.integers(0, 2**31 - 1, size=n), int(fixed.integers(2**31 - 1)))
         images = traj["images"].numpy()
-        scores = self.source.score(images, prompts)
         grid = save_image_grid(images[:GRID_IMAGES], self.run_dir / "media" / f"eval_step_{step:05d}.png",
                                captions=prompts[:GRID_IMAGES])
         if self.logger is not None:  # None outside a training run (rlplat-eval)
             self.logger.log_media("eval/samples", grid, step=step)
-        return {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std())}
+        scores = self.source.score(images, prompts)
+        if scores is None:  # a dataset without an evaluation score: the grids only
+            return {}
+        scores = np.asarray(scores, np.float64)
+        if step == 0 and self.base_scores is None:
+            self.base_scores = scores  # the untuned model's images of the same prompts and seeds
+        metrics = {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std())}
+        if self.base_scores is not None and len(self.base_scores) == len(scores):
+            metrics["eval/win_rate_vs_base"] = float(np.mean(scores > self.base_scores)
+                                                     + 0.5 * np.mean(scores == self.base_scores))
+        return metrics
 
     def report(self, metrics: dict[str, Any]) -> None:
         media = self.run_dir / "media"
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, media / "learning_curve.png",
-                                   panels=[Panel("reward", ("reward/mean", "eval/reward"))], x_key="samples")
-        print(f"final eval reward ({self.source.name}, held-out prompts): {metrics.get('eval/reward', float('nan')):.4f}")
+                                   panels=[Panel("reward", ("reward/mean", "eval/reward"))], x_key=self.progress_key)
+        print(f"final eval reward ({self.source.name}, held-out prompts): {metrics.get('eval/reward', float('nan')):.4f}"
+              + (f", win rate over the untuned model {metrics['eval/win_rate_vs_base']:.3f}"
+                 if "eval/win_rate_vs_base" in metrics else ""))
         print(f"learning curve: {plot}")
         grids = sorted(media.glob("eval_step_*.png"))
         if grids:
@@ -158,7 +192,45 @@ class OnlinePreferenceCollector(Collector):
         print(f"run dir: {self.run_dir}")
 
 
+class OfflinePreferenceCollector(OnlinePreferenceCollector):
+    """The next ``batch_size x num_minibatches`` pairs of a preference dataset per iteration
+    (``images_w``, ``images_l``, ``prompts``); the stream position is part of the checkpoint.
+    Evaluation samples the held-out captions like the online collector."""
+
+    progress_key = "pairs"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, algo: PreferenceAlgorithm) -> None:
+        super().__init__(cfg, run_dir, algo)
+        self.pairs = 0
+
+    def _collect(self) -> tuple[Batch, dict[str, Any]]:
+        n = int(self.algo.cfg["batch_size"]) * int(self.algo.cfg["num_minibatches"])
+        images_w, images_l, prompts = self.source.take(n)
+        self.pairs += n
+        self._rows = n
+        stats = self.source.stats
+        return (Batch({"images_w": torch.as_tensor(images_w), "images_l": torch.as_tensor(images_l)},
+                      extras={"prompts": prompts}),
+                {f"data/{key}": float(stats.get(key, 0)) for key in ("rows", "kept", "ties", "corrupt")})
+
+    def progress(self, step: int, iteration_s: float) -> dict[str, float]:
+        return {"pairs": self.pairs, "perf/pairs_per_s": self._rows / iteration_s, "perf/collect_s": self._collect_s}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pairs": self.pairs, "source": self.source.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], folder: Path) -> None:
+        super().load_state_dict(state, folder)
+        self.pairs = state["pairs"]
+        self.source.load_state_dict(state["source"])
+
+
+#: The collector of each kind of preference source (``PreferenceAlgorithm.source_kind``).
+COLLECTORS: dict[str, type[OnlinePreferenceCollector]] = {"online": OnlinePreferenceCollector,
+                                                          "pairs": OfflinePreferenceCollector}
+
+
 def preference_run(cfg: DictConfig, run_dir: Path, algo: PreferenceAlgorithm | None = None) -> Run:
     """The run of ``cfg`` (text-to-image policy x preference source x algorithm) in ``run_dir``."""
     algo = algo or check_preference_config(cfg)
-    return Run(cfg, run_dir, algo, OnlinePreferenceCollector(cfg, run_dir, algo))
+    return Run(cfg, run_dir, algo, COLLECTORS[algo.source_kind](cfg, run_dir, algo))

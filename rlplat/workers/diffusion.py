@@ -51,6 +51,7 @@ class DiffusionWorker(TrainedWeights, Worker):
         self.roles = set(roles)
         self.optimizer: torch.optim.Optimizer | None = None
         if "actor" in self.roles:
+            self.algo.attach(self.policy)
             self.optimizer = build_optimizer(self.policy.param_groups(float(self.algo.optim["lr"])), self.algo.optim)
         self.generator = torch.Generator().manual_seed(seed + 7919 * (rank + 1))
 

@@ -121,6 +121,18 @@ def test_diffusion_step_bench_runs_both_variants(tmp_path: Path, monkeypatch: py
     assert all(v["update_s"] > 0 and v["peak_mb"] > 0 and v["pairs"] == 2 for v in result["variants"])
 
 
+def test_diffusion_step_bench_runs_one_dpo_step_with_each_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    out = tmp_path / "dpo_step.json"
+    run_main(load_script("diffusion_step"), ["--algo", "dpo", "--pairs", "4", "--micro-batch", "2", "--cache-dir",
+                                             str(tmp_path / "cache"), "--out", str(out)], monkeypatch)
+    lora, full = json.loads(out.read_text())["variants"]
+    assert (lora["reference"], full["reference"]) == ("adapter disabled", "frozen copy")
+    # The first step starts at the reference (log 2) in both; the full variant trains the whole UNet.
+    assert lora["loss"] == pytest.approx(math.log(2), abs=1e-3) and full["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert full["trainable_params"] == full["unet_params"] and lora["micro_batch"] == 2
+
+
 def test_learning_diffusion_bench_runs_before_and_after_from_the_shipped_model(
     ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

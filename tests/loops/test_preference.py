@@ -123,3 +123,64 @@ def test_tuning_presets_start_from_the_shipped_pretrained_model(experiment, scor
     assert check_preference_config(cfg).samples_per_prompt == (2 if experiment.startswith("d3po") else 4)
     if experiment == "d3po_tiny_jpeg":  # d3po_tiny with more pairs and Adam steps per iteration
         assert (cfg.algo.batch_size, cfg.algo.num_minibatches, cfg.algo.update_epochs) == (32, 4, 2)
+
+
+# --------------------------------------------------------------------------- offline pairs (Diffusion-DPO)
+
+
+@pytest.fixture(scope="module")
+def shapes_pairs(tmp_path_factory):
+    """A small Pick-a-Pic-format dataset made by rlplat-make-pairs (train and held-out captions)."""
+    from rlplat.make_pairs import make_pairs
+
+    folder = tmp_path_factory.mktemp("shapes_pairs")
+    make_pairs(["--out", str(folder), "--pairs", "40", "--validation-pairs", "8", "--batch", "24",
+                "--tie-margin", "0.01", "policy.num_steps=3"])
+    return folder
+
+
+def _dpo_args(pairs) -> list[str]:
+    return ["experiment=dpo_tiny_shapes", "policy.path=null", "policy.tiny.image_size=16",
+            "policy.tiny.block_out_channels=[16,32]", "policy.tiny.text_hidden_size=16", "policy.num_steps=3",
+            "policy.guidance_scale=1.0", f"preference.path={pairs}", "preference.resolution=16",
+            "algo.batch_size=4", "algo.micro_batch=2", "algo.num_minibatches=2", "trainer.eval_episodes=4",
+            "trainer.torch_threads=1", "logger.progress_bar=false"]
+
+
+def test_dpo_run_reads_pairs_in_order_trains_and_reports_the_win_rate(ray_local, tiny_cache, tmp_path, shapes_pairs):
+    final = run(compose([*_dpo_args(shapes_pairs), "trainer.total_steps=2", "trainer.eval_every=2"]), tmp_path / "r")
+    rows = read_metrics(tmp_path / "r/metrics.jsonl")
+    assert [r["pairs"] for r in rows if "pairs" in r] == [0, 8, 16]
+    trained = [r for r in rows if "train/loss" in r]
+    assert len(trained) == 2 and all(r["train/minibatches"] == 2.0 for r in trained)
+    assert trained[0]["train/loss"] == pytest.approx(np.log(2), abs=0.05)
+    assert rows[0]["eval/win_rate_vs_base"] == 0.5  # step 0 is the base itself
+    assert 0.0 <= final["eval/win_rate_vs_base"] <= 1.0 and np.isfinite(final["eval/reward"])
+    # 16 pairs kept after the ties of the rows read so far; nothing corrupt.
+    assert trained[-1]["data/kept"] == 16 and trained[-1]["data/corrupt"] == 0
+    assert trained[-1]["data/rows"] == 16 + trained[-1]["data/ties"]
+
+
+def test_dpo_resume_continues_with_the_next_pairs(ray_local, tiny_cache, tmp_path, shapes_pairs):
+    args = [*_dpo_args(shapes_pairs), "trainer.eval_every=0", "trainer.eval_at_start=false",
+            "trainer.checkpoint_every=1", "trainer.keep_last=0"]
+    run(compose([*args, "trainer.total_steps=3"]), tmp_path / "full")
+    cut = tmp_path / "cut"
+    run(compose([*args, "trainer.total_steps=2"]), cut)
+    run(compose([*args, "trainer.total_steps=3", "resume=true"]), cut)
+    full, resumed = read_metrics(tmp_path / "full/metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    keys = ("pairs", "train/loss", "train/grad_norm", "data/rows", "train/model_err_w")
+    assert len(resumed) == len(full) == 3
+    for a, b in zip(resumed, full):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5)
+
+
+def test_offline_and_online_sources_and_algorithms_must_match(tmp_path, shapes_pairs):
+    with pytest.raises(SystemExit, match="pick algo=dpo"):
+        run(compose([*TINY, "preference=shapes_pairs", f"preference.path={shapes_pairs}", "algo=d3po"]), tmp_path / "a")
+    with pytest.raises(SystemExit, match="preference=shapes_pairs or pickapic_v2"):
+        run(compose([*TINY, "preference=shapes_fidelity", "algo=dpo"]), tmp_path / "b")
+    with pytest.raises(SystemExit, match="rlplat-make-pairs --out data/shapes_pairs"):
+        run(compose([*_dpo_args(tmp_path / "none")]), tmp_path / "c")
+    with pytest.raises(SystemExit, match=r"PICKAPIC_PATH.*hf download yuvalkirstain/pickapic_v2"):
+        run(compose(["experiment=dpo_tiny_shapes", "preference=pickapic_v2", "preference.path=null"]), tmp_path / "d")
