@@ -75,7 +75,8 @@ def run_dpo_step(args: argparse.Namespace, policy, device: torch.device) -> dict
     side = policy.latent_shape[-1] * (8 if policy.vae is not None else policy.fold)
     rng = np.random.default_rng(0)
     images = torch.as_tensor(rng.integers(0, 256, (2, args.pairs, side, side, 3), dtype=np.uint8))
-    prompts = (["a red circle", "two blue squares", "three green triangles", "a yellow square"] * args.pairs)[: args.pairs]
+    captions = ["a red circle", "two blue squares", "three green triangles", "a yellow square"]
+    prompts = (captions * args.pairs)[: args.pairs]
     batch = Batch({"images_w": images[0], "images_l": images[1]}, extras={"prompts": prompts})
     policy.train()
     t1 = time.perf_counter()
@@ -172,7 +173,8 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
     args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="rlplat-diffusion-step-")
-    forwarded = ["--algo", args.algo, "--micro-batch", str(args.micro_batch), "--shape", args.shape, "--device", args.device, "--steps", str(args.steps), "--pairs",
+    forwarded = ["--algo", args.algo, "--micro-batch", str(args.micro_batch),
+                 "--shape", args.shape, "--device", args.device, "--steps", str(args.steps), "--pairs",
                  str(args.pairs), "--guidance", str(args.guidance), "--lora-r", str(args.lora_r), "--threads",
                  str(args.threads), "--cache-dir", args.cache_dir, *(["--path", args.path] if args.path else []),
                  *(["--bf16"] if args.bf16 else [])]
@@ -184,7 +186,8 @@ def main() -> None:
             raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     lora, full = rows
-    result = {"algo": args.algo, "shape": args.shape, "path": args.path, "device": args.device, "steps": args.steps, "pairs": args.pairs,
+    result = {"algo": args.algo,
+              "shape": args.shape, "path": args.path, "device": args.device, "steps": args.steps, "pairs": args.pairs,
               "guidance": args.guidance, "variants": rows,
               "update_time_ratio_lora_over_full": lora["update_s"] / full["update_s"],
               "peak_memory_ratio_lora_over_full": lora["peak_mb"] / full["peak_mb"] if full["peak_mb"] > 0 else None}

@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--eval-images", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=2048, help="pairs to make when --data is not given")
-    parser.add_argument("--policy", default="diffusion_tiny_shapes_early", help="base model preset (makes the pairs, is tuned)")
+    parser.add_argument("--policy", default="diffusion_tiny_shapes_early",
+                        help="base model preset (makes the pairs, is tuned)")
     parser.add_argument("--data", type=Path, default=None, help="an existing rlplat-make-pairs folder")
     parser.add_argument("--keep", type=float, default=0.1, help="fraction kept by FiFA and by the random control")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")

@@ -37,7 +37,8 @@ GRID_IMAGES = 32
 
 #: The contract of preference sources that are datasets of pairs (envs/preference/offline.py).
 PAIR_SOURCE = "PreferencePairSource"
-SOURCE_WORDS = {"online": "images it samples and a score (online)", "pairs": "a dataset of preference pairs (offline)"}
+SOURCE_WORDS = {"online": "images it samples and a score (online)",
+                "pairs": "a dataset of preference pairs (offline)"}
 
 
 def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
@@ -51,11 +52,12 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
     source = registry.part_for("preference", cfg.preference._target_)
     kind = "pairs" if source is not None and source.contract == PAIR_SOURCE else "online"
     if algo.source_kind != kind:
+        other = "preference=shapes_pairs or pickapic_v2" if algo.source_kind == "pairs" else "preference=shapes_fidelity"
         raise ValueError(
             f"algo._target_={cfg.algo._target_} learns from {SOURCE_WORDS[algo.source_kind]}, but "
             f"preference={cfg.preference._target_} gives {SOURCE_WORDS[kind]}: pick "
             f"{'algo=dpo' if kind == 'pairs' else 'algo=d3po, ddpo or diffusion_sft'}, or "
-            f"{'preference=shapes_pairs or pickapic_v2' if algo.source_kind == 'pairs' else 'preference=shapes_fidelity'}")
+            f"{other}")
     registry.preflight("preference", cfg.preference)
     part = registry.part_for("policy", cfg.policy._target_)
     if part is None or part.contract != "DiffusionPolicy":
@@ -182,7 +184,8 @@ class OnlinePreferenceCollector(Collector):
         media = self.run_dir / "media"
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, media / "learning_curve.png",
                                    panels=[Panel("reward", ("reward/mean", "eval/reward"))], x_key=self.progress_key)
-        print(f"final eval reward ({self.source.name}, held-out prompts): {metrics.get('eval/reward', float('nan')):.4f}"
+        reward = metrics.get("eval/reward", float("nan"))
+        print(f"final eval reward ({self.source.name}, held-out prompts): {reward:.4f}"
               + (f", win rate over the untuned model {metrics['eval/win_rate_vs_base']:.3f}"
                  if "eval/win_rate_vs_base" in metrics else ""))
         print(f"learning curve: {plot}")
