@@ -16,8 +16,8 @@ the base model's images of the same prompts and seeds.
 Two comparisons, both printed and in the JSON: at equal steps (the end of every run) and at equal
 wall time, where a cell's clock starts with the time its filter took (FiFA scores every pair once)
 and adds the training iterations' time; the budget is the shortest cell's total. Writes
-bench/results/learning_dpo.json and learning_dpo.png (held-out fidelity vs optimizer steps, mean
-over seeds with the seeds' range).
+bench/results/learning_dpo.json, learning_dpo.png (held-out fidelity and win rate vs iterations,
+mean over seeds with the seeds' range) and the first seed's grids before and after per cell.
 """
 
 from __future__ import annotations
@@ -160,7 +160,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     plot(runs, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    grids = args.out.parent / f"{args.out.stem}_grids"  # the first seed's held-out grids, before and after
+    grids.mkdir(exist_ok=True)
+    for cell in CELLS:
+        media = sorted((root / f"{cell}_seed{args.seeds[0]}" / "media").glob("eval_step_*.png"))
+        shutil.copy(media[0], grids / f"{cell}_before.png")
+        shutil.copy(media[-1], grids / f"{cell}_after.png")
+    print(f"wrote {args.out}, {args.out.with_suffix('.png')} and {grids}/")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -147,32 +147,49 @@ def _dpo_args(pairs) -> list[str]:
             "trainer.torch_threads=1", "logger.progress_bar=false"]
 
 
-def test_dpo_run_reads_pairs_in_order_trains_and_reports_the_win_rate(ray_local, tiny_cache, tmp_path, shapes_pairs):
-    final = run(compose([*_dpo_args(shapes_pairs), "trainer.total_steps=2", "trainer.eval_every=2"]), tmp_path / "r")
-    rows = read_metrics(tmp_path / "r/metrics.jsonl")
-    assert [r["pairs"] for r in rows if "pairs" in r] == [0, 8, 16]
-    trained = [r for r in rows if "train/loss" in r]
-    assert len(trained) == 2 and all(r["train/minibatches"] == 2.0 for r in trained)
-    assert trained[0]["train/loss"] == pytest.approx(np.log(2), abs=0.05)
-    assert rows[0]["eval/win_rate_vs_base"] == 0.5  # step 0 is the base itself
+def test_dpo_run_reads_pairs_in_order_reports_the_win_rate_and_resumes_exactly(ray_local, tiny_cache, tmp_path,
+                                                                                shapes_pairs):
+    args = [*_dpo_args(shapes_pairs), "trainer.checkpoint_every=1", "trainer.keep_last=0"]
+    # The uninterrupted run evaluates at 0 and 3 (evaluation draws nothing from the training streams).
+    final = run(compose([*args, "trainer.total_steps=3", "trainer.eval_every=3"]), tmp_path / "full")
+    full = read_metrics(tmp_path / "full/metrics.jsonl")
+    assert [r["pairs"] for r in full] == [0, 8, 16, 24]
+    trained = [r for r in full if "train/loss" in r]
+    assert len(trained) == 3 and all(r["train/minibatches"] == 2.0 for r in trained)
+    assert full[0]["eval/win_rate_vs_base"] == 0.5  # step 0 is the base itself
     assert 0.0 <= final["eval/win_rate_vs_base"] <= 1.0 and np.isfinite(final["eval/reward"])
-    # 16 pairs kept after the ties of the rows read so far; nothing corrupt.
-    assert trained[-1]["data/kept"] == 16 and trained[-1]["data/corrupt"] == 0
-    assert trained[-1]["data/rows"] == 16 + trained[-1]["data/ties"]
-
-
-def test_dpo_resume_continues_with_the_next_pairs(ray_local, tiny_cache, tmp_path, shapes_pairs):
-    args = [*_dpo_args(shapes_pairs), "trainer.eval_every=0", "trainer.eval_at_start=false",
-            "trainer.checkpoint_every=1", "trainer.keep_last=0"]
-    run(compose([*args, "trainer.total_steps=3"]), tmp_path / "full")
+    # 24 pairs kept after the ties of the rows read so far; nothing corrupt.
+    assert trained[-1]["data/kept"] == 24 and trained[-1]["data/corrupt"] == 0
+    assert trained[-1]["data/rows"] == 24 + trained[-1]["data/ties"]
+    # Stopped after 2 iterations and resumed: the same pairs, in the same order, the same updates.
     cut = tmp_path / "cut"
-    run(compose([*args, "trainer.total_steps=2"]), cut)
-    run(compose([*args, "trainer.total_steps=3", "resume=true"]), cut)
-    full, resumed = read_metrics(tmp_path / "full/metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    run(compose([*args, "trainer.total_steps=2", "trainer.eval_every=0", "trainer.eval_at_start=false"]), cut)
+    run(compose([*args, "trainer.total_steps=3", "trainer.eval_every=0", "trainer.eval_at_start=false",
+                 "resume=true"]), cut)
+    resumed = read_metrics(cut / "metrics.jsonl")
     keys = ("pairs", "train/loss", "train/grad_norm", "data/rows", "train/model_err_w")
-    assert len(resumed) == len(full) == 3
-    for a, b in zip(resumed, full):
+    assert len(resumed) == len(trained) == 3
+    for a, b in zip(resumed, trained):
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5)
+
+
+def test_sd15_pickapic_preset_trains_through_its_real_loading_path(ray_local, tiny_cache, tmp_path, shapes_pairs):
+    """experiment=dpo_sd15_pickapic as shipped, on tiny local copies: a diffusers folder exported by
+    rlplat (for SD15_PATH) and pairs in the Pick-a-Pic v2 schema (for PICKAPIC_PATH)."""
+    from rlplat.policies.diffusion.pipeline import TextToImagePolicy
+
+    export = TextToImagePolicy(tiny={"image_size": 16, "fold": 2, "block_out_channels": [16, 32],
+                                     "text_hidden_size": 16}, device="cpu").save_pretrained(tmp_path / "sd15")
+    cfg = compose(["experiment=dpo_sd15_pickapic", f"policy.path={export}", "policy.dtype=float32",
+                   "policy.num_steps=2", f"preference.path={shapes_pairs}", "preference.resolution=16",
+                   "preference.eval_split=validation", "preference.score=null", "placement.use_gpu=false",
+                   "algo.batch_size=4", "algo.micro_batch=2", "trainer.total_steps=1", "trainer.eval_episodes=2",
+                   "trainer.torch_threads=1", "logger.progress_bar=false"])
+    assert (cfg.algo.beta, cfg.policy.lora.r, cfg.preference.split) == (5000, 16, "train")
+    run(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert rows[-1]["pairs"] == 4 and rows[-1]["train/loss"] == pytest.approx(np.log(2), abs=0.05)
+    assert (tmp_path / "run/media/eval_step_00001.png").is_file()  # no score: the grids only
 
 
 def test_offline_and_online_sources_and_algorithms_must_match(tmp_path, shapes_pairs):
