@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,10 +64,10 @@ def pair_errors(policy: Any, images_w: Any, images_l: Any, prompts: Sequence[str
     policy's ``prediction_target``. The reference errors come from ``reference`` (a frozen copy)
     or, when it is None, from the policy with its LoRA adapter disabled; they carry no gradient.
     """
-    x0_w, x0_l = policy.images_to_latents(images_w), policy.images_to_latents(images_l)
+    x0_w, x0_l = policy.images_to_latents(np.concatenate([images_w, images_l])).chunk(2)
     if tuple(x0_w.shape[1:]) != tuple(policy.latent_shape):
         raise ValueError(f"the pairs' images give latents of shape {tuple(x0_w.shape[1:])}, the policy's are "
-                         f"{tuple(policy.latent_shape)}: set preference.pairs.resolution to the model's image size")
+                         f"{tuple(policy.latent_shape)}: set preference.resolution to the model's image size")
     x_w, noise, t = policy.noised(x0_w, generator)
     x_l, _, _ = policy.noised(x0_l, noise=noise, t=t)
     x_t, t2, text = torch.cat([x_w, x_l]), torch.cat([t, t]), [*prompts, *prompts]
