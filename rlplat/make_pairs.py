@@ -3,8 +3,9 @@
     rlplat-make-pairs --out data/shapes_pairs                       # 2048 train + 256 validation pairs
     rlplat-make-pairs --out DIR --pairs 512 --noise 0.05 --tie-margin 0.02 policy.num_steps=10
 
-Samples two images per caption from a text-to-image policy (default: the shipped tiny shapes
-model) for the preference source's prompts (train prompts for ``train``, held-out prompts for
+Samples two images per caption from a text-to-image policy (default: the tiny shapes model early
+in its pretraining, ``diffusion_tiny_shapes_early``: its samples differ enough for most pairs to
+carry a preference; the fully trained base ties on about half of them) for the preference source's prompts (train prompts for ``train``, held-out prompts for
 ``validation``) and labels each pair like a noisy human: the source's score (shapes fidelity) of
 both images, a tie when they differ by at most ``--tie-margin`` (0.5 / 0.5), otherwise the
 higher-scored image wins with probability ``sigmoid(gap / --noise)`` (Bradley-Terry; 0: always).
@@ -93,7 +94,7 @@ def make_pairs(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True, help="dataset folder (data/<split>-*.parquet go inside)")
     parser.add_argument("--pairs", type=int, default=2048, help="training pairs")
     parser.add_argument("--validation-pairs", type=int, default=256, help="validation pairs (held-out captions)")
-    parser.add_argument("--policy", default="diffusion_tiny_shapes", help="the text-to-image policy preset")
+    parser.add_argument("--policy", default="diffusion_tiny_shapes_early", help="the text-to-image policy preset")
     parser.add_argument("--preference", default="shapes_fidelity", help="the source of captions and scores")
     parser.add_argument("--noise", type=float, default=0.05, help="Bradley-Terry temperature of the labels (0: none)")
     parser.add_argument("--tie-margin", type=float, default=0.02, help="score gap at or below which a pair is a tie")

@@ -47,7 +47,7 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
     if not isinstance(algo, PreferenceAlgorithm):
         raise ValueError(  # noqa: TRY004 (a wrong config value: reported as a config error)
             f"algo._target_={cfg.algo._target_} trains action policies in environments, but this run has a "
-            f"preference source (preference={cfg.preference._target_}): pick algo=d3po, ddpo or diffusion_sft"
+            f"preference source (preference={cfg.preference._target_}): pick algo=d3po, ddpo, diffusion_sft or dpo"
         )
     source = registry.part_for("preference", cfg.preference._target_)
     kind = "pairs" if source is not None and source.contract == PAIR_SOURCE else "online"

@@ -98,7 +98,7 @@ def test_config_errors_name_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="~env"):
         run(compose([*TINY, "env=toy", "preference=jpeg_compressibility", "algo=d3po", "policy.lora.r=4"]),
             tmp_path / "a")
-    with pytest.raises(SystemExit, match="algo=d3po, ddpo or diffusion_sft"):
+    with pytest.raises(SystemExit, match="algo=d3po, ddpo, diffusion_sft or dpo"):
         run(compose([*TINY, "preference=jpeg_compressibility", "algo=ppo"]), tmp_path / "b")
     with pytest.raises(SystemExit, match="policy.lora.r>0"):
         run(compose([*TINY, "preference=jpeg_compressibility", "algo=d3po", "policy.lora.r=0"]), tmp_path / "c")
