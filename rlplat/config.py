@@ -120,7 +120,7 @@ class TrainConfig:
     name: str = "run"
     # Global seed; everything derives from it.
     seed: int = 0
-    # false, true (latest checkpoint of this run dir or the newest run of this name), or a path.
+    # false, true (the newest intact checkpoint of this run dir), or a path.
     resume: Any = False
 
 
@@ -138,9 +138,21 @@ def package_file(module: str, relative: str) -> str:
     return str(path)
 
 
+def run_name() -> str:
+    """The run's default name (the ``rlplat.run_name`` resolver): the chosen experiment, or "run"
+    without one (``~experiment``). Read from the job's Hydra config, so it resolves in a single
+    run and in every job of a multirun alike (a swept experiment names each job by its own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ValueError("the run name is known once a job's Hydra config is set; set name=... to name it yourself")
+    return HydraConfig.get().runtime.choices.get("experiment") or "run"
+
+
 def register_configs() -> None:
     """Registers the top-level schema, every registered part's schema and rlplat's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("rlplat.resource", package_file, replace=True)
+    OmegaConf.register_new_resolver("rlplat.run_name", run_name, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     registry.load_parts()

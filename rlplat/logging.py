@@ -15,6 +15,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 METRICS_FILE = "metrics.jsonl"
+#: The run's log file (Hydra's job log, ``train.log`` in the run dir): step lines and the report too.
+LOG_FILE = "train.log"
+
+
+def say(run_dir: str | Path, text: str) -> None:
+    """Prints ``text`` and appends it to the run dir's log file."""
+    print(text, flush=True)
+    with (Path(run_dir) / LOG_FILE).open("a") as f:
+        f.write(text + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -62,8 +71,10 @@ class RunLogger:
             raise ValueError(f"logger.backend={backend!r} must be console or wandb")
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / METRICS_FILE
+        self.log_file = Path(run_dir) / LOG_FILE
         self.log_every = max(1, log_every)
-        self.console = Console()
+        # No wrapping: a piped step line stays one line, whatever its length.
+        self.console = Console(soft_wrap=True)
         self.wandb = None
         if backend == "wandb":
             import wandb
@@ -98,7 +109,10 @@ class RunLogger:
         summary = _summary(row)
         self.progress.update(self.task, completed=step, info=summary)
         if step % self.log_every == 0 or "eval/success_rate" in row or "eval/reward" in row:
-            self.console.print(f"step {step:>5}  {summary}", highlight=False)
+            line = f"step {step:>5}  {summary}"
+            self.console.print(line, highlight=False, markup=False)
+            with self.log_file.open("a") as f:
+                f.write(line + "\n")
 
     def log_media(self, name: str, path: Path, step: int | None = None) -> None:
         """Attaches an image or video file to wandb at ``step`` (files are on disk already)."""

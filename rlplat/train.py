@@ -9,6 +9,7 @@ With no arguments it runs ``experiment=quickstart``. Examples::
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import sys
@@ -24,12 +25,31 @@ from rlplat.config import register_configs
 register_configs()
 
 
+def cache_dir() -> Path:
+    """Where runs keep tool state that is not theirs (matplotlib's font list, wandb's service
+    logs): ``$RLPLAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/rlplat``, else a per-user folder in the
+    system temp dir; never the home directory."""
+    import tempfile
+
+    if os.environ.get("RLPLAT_CACHE_DIR"):
+        return Path(os.environ["RLPLAT_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "rlplat"
+    return Path(tempfile.gettempdir()) / f"rlplat-cache-{os.getuid()}"
+
+
 def offline_defaults() -> None:
-    """No hub, no network, nothing in $HOME unless the user asks for it."""
+    """No hub, no network, nothing in $HOME unless the user asks for it (each variable already
+    set is kept: set WANDB_MODE=online or HF_HUB_OFFLINE=0 to go online)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cache = cache_dir()
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    for var, sub in (("WANDB_CACHE_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb-config"),
+                     ("WANDB_DATA_DIR", "wandb-data")):
+        os.environ.setdefault(var, str(cache / sub))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -125,9 +145,27 @@ def warm_start_config(cfg: DictConfig, run_dir: Path) -> DictConfig | None:
     return warm
 
 
+def keep_ray_for_the_sweep(cfg: DictConfig) -> None:
+    """In a multirun with Hydra's basic launcher (jobs one after another in this process), start
+    the local Ray (or join the cluster) once, with the first job's ``cluster`` settings, and keep
+    it for every job: each job then only places its own workers (its placement group is removed
+    when it ends) instead of paying Ray's start-up. Other launchers run each job elsewhere."""
+    from hydra.types import RunMode
+
+    from rlplat.runtime.cluster import ClusterConfig, init_ray, shutdown_ray
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or not str(hydra_cfg.launcher.get("_target_", "")).endswith(".BasicLauncher"):
+        return
+    if init_ray(ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))):
+        atexit.register(shutdown_ray, True)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://rlplat.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final eval success rate, or eval reward of preference runs (for sweepers)."""
+    offline_defaults()
+    keep_ray_for_the_sweep(cfg)
     metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     return float(metrics.get("eval/success_rate", metrics.get("eval/reward", 0.0)))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlplat.config import compose
+from rlplat.runtime.cluster import STARTED_MESSAGE
 
 
 def _train(*args: str, cwd) -> tuple[int, str, bool]:
@@ -15,7 +16,7 @@ def _train(*args: str, cwd) -> tuple[int, str, bool]:
     proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     out = proc.stdout + proc.stderr
-    return proc.returncode, out, "Started a local Ray instance" in out
+    return proc.returncode, out, STARTED_MESSAGE in out
 
 
 @pytest.mark.parametrize(
@@ -74,10 +75,10 @@ def test_missing_shipped_file_is_named():
 def test_missing_7b_weights_fail_before_ray_naming_where_to_put_them(tmp_path):
     code, out, _ = _train("policy=openvla_7b", f"policy.path={tmp_path / 'no-weights-here'}", cwd=tmp_path)
     assert code != 0 and "no-weights-here" in out and "OPENVLA_7B_PATH" in out, out
-    assert "Started a local Ray" not in out
+    assert STARTED_MESSAGE not in out
 
 
 def test_missing_init_from_fails_before_ray(tmp_path):
     code, out, _ = _train(f"policy.init_from={tmp_path / 'nothing'}", cwd=tmp_path)
     assert code != 0 and "policy.init_from=" in out and "nothing" in out, out
-    assert "Started a local Ray" not in out
+    assert STARTED_MESSAGE not in out

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import checkpoint, registry
 from rlplat.algos.base import Algorithm
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, plot_learning_curve, save_video
+from rlplat.logging import METRICS_FILE, plot_learning_curve, save_video, say
 from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
 from rlplat.policies.base import compute_stats
 from rlplat.runtime.placement import Placement, parse_devices
@@ -377,11 +377,11 @@ class EnvCollector(Collector):
 
     def report(self, metrics: dict[str, Any]) -> None:
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, self._media("learning_curve.png"))
-        print(f"final eval success rate: {metrics.get('eval/success_rate', float('nan')):.3f}")
-        print(f"learning curve: {plot}")
+        say(self.run_dir, f"final eval success rate: {metrics.get('eval/success_rate', float('nan')):.3f}")
+        say(self.run_dir, f"learning curve: {plot}")
         if (video := self._media("episode.gif")).exists():
-            print(f"episode video: {video}")
-        print(f"run dir: {self.run_dir}")
+            say(self.run_dir, f"episode video: {video}")
+        say(self.run_dir, f"run dir: {self.run_dir}")
 
 
 def embodied_run(cfg: DictConfig, run_dir: Path, algo: Algorithm | None = None) -> Run:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import registry
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid
+from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid, say
 from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
 from rlplat.runtime.placement import PlacementSpec
 from rlplat.workers.diffusion import DiffusionWorker
@@ -185,14 +185,14 @@ class OnlinePreferenceCollector(Collector):
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, media / "learning_curve.png",
                                    panels=[Panel("reward", ("reward/mean", "eval/reward"))], x_key=self.progress_key)
         reward = metrics.get("eval/reward", float("nan"))
-        print(f"final eval reward ({self.source.name}, held-out prompts): {reward:.4f}"
-              + (f", win rate over the untuned model {metrics['eval/win_rate_vs_base']:.3f}"
-                 if "eval/win_rate_vs_base" in metrics else ""))
-        print(f"learning curve: {plot}")
+        say(self.run_dir, f"final eval reward ({self.source.name}, held-out prompts): {reward:.4f}"
+            + (f", win rate over the untuned model {metrics['eval/win_rate_vs_base']:.3f}"
+               if "eval/win_rate_vs_base" in metrics else ""))
+        say(self.run_dir, f"learning curve: {plot}")
         grids = sorted(media.glob("eval_step_*.png"))
         if grids:
-            print(f"eval grids: {grids[0]} ... {grids[-1]}")
-        print(f"run dir: {self.run_dir}")
+            say(self.run_dir, f"eval grids: {grids[0]} ... {grids[-1]}")
+        say(self.run_dir, f"run dir: {self.run_dir}")
 
 
 class OfflinePreferenceCollector(OnlinePreferenceCollector):

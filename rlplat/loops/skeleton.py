@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlplat import checkpoint
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, RunLogger, truncate_metrics
+from rlplat.logging import METRICS_FILE, RunLogger, say, truncate_metrics
 from rlplat.runtime.placement import Placement, PlacementSpec
 from rlplat.runtime.worker_group import WorkerGroup
 
@@ -273,7 +273,7 @@ class Run:
         self.collector.load_state_dict(state, folder)
         checkpoint.restore_rng(state["controller_rng"])
         truncate_metrics(folder.parent.parent / METRICS_FILE, self.run_dir / METRICS_FILE, state["step"])
-        print(f"resumed from {folder} (step {state['step']})")
+        say(self.run_dir, f"resumed from {folder} (step {state['step']})")
         return state["step"]
 
     def load_policy(self, folder: Path) -> None:

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 # Ray's unix socket paths (<temp_dir>/session_<date>_<pid>/sockets/plasma_store) must stay
 # below 107 characters; the part after temp_dir takes up to ~65.
 MAX_TEMP_DIR_CHARS = 40
 # Object store size of a local Ray unless set: small enough for test machines and laptops.
 DEFAULT_OBJECT_STORE_BYTES = 256 * 2**20
+
+# Printed when init_ray starts a local Ray (tests look for it to tell that Ray started).
+STARTED_MESSAGE = "started a local Ray"
 
 # The temp dir init_ray created for the local Ray it started; shutdown_ray deletes it.
 _owned_temp_dir: str | None = None
@@ -41,6 +46,8 @@ class ClusterConfig:
     include_dashboard: bool = False
     # Print the workers' stdout/stderr in the driver.
     log_to_driver: bool = True
+    # Level of the workers' Python logging (their INFO lines stay in Ray's log files).
+    worker_log_level: str = "WARNING"
     # Object store bytes of a local Ray (null: 256 MiB).
     object_store_memory: int | None = None
 
@@ -70,12 +77,17 @@ def init_ray(cfg: ClusterConfig | None = None) -> bool:
             )
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Workers' output reaches the driver's console: no progress bars from the model libraries,
+    # and no colour codes when the console is a file or a pipe.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
     if ray.is_initialized():
         return False
     if cfg.address is not None:
-        ray.init(address=cfg.address, log_to_driver=cfg.log_to_driver)
+        ray.init(address=cfg.address, log_to_driver=cfg.log_to_driver, logging_config=_worker_logging(cfg))
         return True
 
     if cfg.temp_dir is None:
@@ -92,6 +104,7 @@ def init_ray(cfg: ClusterConfig | None = None) -> bool:
             object_store_memory=cfg.object_store_memory or DEFAULT_OBJECT_STORE_BYTES,
             include_dashboard=cfg.include_dashboard,
             log_to_driver=cfg.log_to_driver,
+            logging_config=_worker_logging(cfg),
             _temp_dir=temp_dir,
         )
     except BaseException:
@@ -99,7 +112,17 @@ def init_ray(cfg: ClusterConfig | None = None) -> bool:
             shutil.rmtree(owned, ignore_errors=True)
         raise
     _owned_temp_dir = owned
+    print(f"{STARTED_MESSAGE} (temp dir {temp_dir}; dashboard {'on' if cfg.include_dashboard else 'off'})",
+          flush=True)
     return True
+
+
+def _worker_logging(cfg: ClusterConfig) -> Any:
+    """Workers log at ``cluster.worker_log_level`` (WARNING: their warnings and errors reach the
+    driver's console, their info lines stay in Ray's log files)."""
+    import ray
+
+    return ray.LoggingConfig(log_level=cfg.worker_log_level)
 
 
 def shutdown_ray(started: bool) -> None:

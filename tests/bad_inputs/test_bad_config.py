@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from rlplat import checkpoint
+from rlplat.runtime.cluster import STARTED_MESSAGE
 
 
 def _train(*args: str, cwd) -> tuple[int, str, bool]:
@@ -24,7 +25,7 @@ def _train(*args: str, cwd) -> tuple[int, str, bool]:
                           capture_output=True, text=True, timeout=180, check=False,
                           env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     out = proc.stdout + proc.stderr
-    return proc.returncode, out, "Started a local Ray instance" in out
+    return proc.returncode, out, STARTED_MESSAGE in out
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -269,17 +269,6 @@ def test_a_dead_env_worker_is_named_and_restarted_from_the_last_checkpoint(tmp_p
     assert got == uninterrupted_two_env_workers
 
 
-def test_multirun_makes_one_run_dir_per_job(tmp_path):
-    proc = _cli(["-m", "seed=0,1", *SMALL, "trainer.total_steps=2", "trainer.save_video=false",
-                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    metrics = sorted((tmp_path / "sweep").glob("*/metrics.jsonl"))
-    assert len(metrics) == 2
-    assert sorted(OmegaConf.load(m.parent / "config.yaml").seed for m in metrics) == [0, 1]
-    assert all(len(read_metrics(m)) == 2 for m in metrics)
-
-
 # Tiny OpenVLA on the toy env's camera: 4 envs x 5 steps per iteration, 2 eval episodes.
 VLA_SMALL = [
     "experiment=vla_toy_sft", "algo=ppo", "policy.value_head=true", "env.num_envs=4",

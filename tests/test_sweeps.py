@@ -1,0 +1,78 @@
+"""Sweeps: Hydra multirun as the README runs it, and what a piped console and the run dir show."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlplat.logging import LOG_FILE, read_metrics
+from rlplat.runtime.cluster import STARTED_MESSAGE
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+# Small enough for a test (PPO or GRPO alike): 8 envs, 10-step episodes, 4 eval episodes.
+SMALL = ["env.num_envs=8", "env.max_episode_steps=10", "trainer.eval_episodes=4",
+         "policy.hidden_sizes=[32,32]", "trainer.save_video=false"]
+
+
+def readme_sweep_line() -> list[str]:
+    """The arguments of the README's sweep command (the first ``rlplat-train -m`` line)."""
+    line = next(line for line in README.read_text().splitlines() if line.startswith("rlplat-train -m "))
+    return shlex.split(line)[1:]
+
+
+def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_home(tmp_path):
+    args = readme_sweep_line()
+    assert "-m" in args and any(a.startswith("seed=") and "," in a for a in args), args
+    # Shortened: one seed, two iterations; every other swept value kept.
+    args = ["seed=0" if a.startswith("seed=") else "trainer.total_steps=2" if a.startswith("trainer.total_steps=")
+            else a for a in args]
+    swept = {a.split("=")[0]: a.split("=")[1].split(",") for a in args if "=" in a and "," in a}
+    assert swept, args
+    jobs = 1
+    for values in swept.values():
+        jobs *= len(values)
+    home = tmp_path / "home"
+    home.mkdir()
+    # A user's environment: HOME, nothing redirected by the test harness.
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "WANDB_DIR")}
+    env |= {"HOME": str(home), "PYTHONUNBUFFERED": "1", "RLPLAT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args, *SMALL, "logger=wandb"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.jsonl"))
+    assert len(runs) == jobs, (runs, out)
+    # Each job's folder: its number, the experiment's name and its own overrides, which together
+    # cover every combination of the swept values; its config holds its seed.
+    combos = set()
+    for run_dir in runs:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        match = re.fullmatch(rf"(\d+)_{cfg.name}_(.*)", run_dir.name)
+        assert match and cfg.name == "toy_mlp", run_dir.name
+        overrides = dict(o.split("=", 1) for o in re.split(r",(?=[\w.]+=)", match.group(2)))
+        assert int(overrides["seed"]) == cfg.seed
+        combos.add(tuple(overrides[key] for key in sorted(swept)))
+        assert read_metrics(run_dir / "metrics.jsonl")
+    assert combos == set(itertools.product(*(swept[key] for key in sorted(swept))))
+    # One Ray for the whole sweep (basic launcher: jobs in this process one after another).
+    assert out.count(STARTED_MESSAGE) == 1, out
+    # Piped: one console line per logged iteration, unwrapped, the same lines in each run's log file.
+    step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    rows = sum(len(read_metrics(r / "metrics.jsonl")) for r in runs)
+    assert len(step_lines) == rows, proc.stdout
+    assert all(re.fullmatch(r"step +\d+  env_steps [\d,]+.*", line) for line in step_lines), step_lines
+    for run_dir in runs:
+        logged = [line for line in (run_dir / LOG_FILE).read_text().splitlines() if line.startswith("step ")]
+        assert len(logged) == len(read_metrics(run_dir / "metrics.jsonl")) and set(logged) <= set(step_lines)
+    assert "\x1b[" not in out, "colour codes in a piped console"
+    # Nothing under HOME: matplotlib, wandb and Ray state went to the cache dir and the run dirs.
+    assert not [p for p in home.rglob("*")], sorted(home.rglob("*"))
+    assert (tmp_path / "cache" / "matplotlib").is_dir()
