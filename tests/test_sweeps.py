@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlplat.logging import LOG_FILE, read_metrics
+from rlplat.report import report
 from rlplat.runtime.cluster import STARTED_MESSAGE
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -76,3 +77,11 @@ def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_
     # Nothing under HOME: matplotlib, wandb and Ray state went to the cache dir and the run dirs.
     assert not [p for p in home.rglob("*")], sorted(home.rglob("*"))
     assert (tmp_path / "cache" / "matplotlib").is_dir()
+    # The sweep's report: one group per swept combination other than the seed, each run finished.
+    result = report([sweep])
+    others = sorted(key for key in swept if key != "seed")
+    want = {" ".join(f"{key}={value}" for key, value in zip(others, combo))
+            for combo in itertools.product(*(swept[key] for key in others))}
+    assert {row["group"] for row in result["table"]} == want, result["markdown"]
+    assert all(row["seeds"] == 1 and row["not finished"] == 0 for row in result["table"])
+    assert not result["problems"] and (sweep / "report.md").exists()
