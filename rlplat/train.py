@@ -162,12 +162,26 @@ def keep_ray_for_the_sweep(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rlplat.conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final eval success rate, or eval reward of preference runs (for sweepers)."""
     offline_defaults()
     keep_ray_for_the_sweep(cfg)
     metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     return float(metrics.get("eval/success_rate", metrics.get("eval/reward", 0.0)))
+
+
+def main() -> Any:
+    """``rlplat-train``: our --help and the group-option check, then Hydra."""
+    from rlplat.options import check_group_choices, help_text
+
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        print(help_text(), end="")
+        return 0
+    problem = check_group_choices(args)
+    if problem is not None:
+        raise SystemExit(f"config error: {problem}")
+    return hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """rlplat-train's start-up checks: bad configs fail fast, naming the key or the numbers."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,28 @@ def test_missing_init_from_fails_before_ray(tmp_path):
     code, out, _ = _train(f"policy.init_from={tmp_path / 'nothing'}", cwd=tmp_path)
     assert code != 0 and "policy.init_from=" in out and "nothing" in out, out
     assert STARTED_MESSAGE not in out
+
+
+def test_help_lists_every_groups_options_with_their_comment_and_no_schema_entries(tmp_path):
+    from rlplat.options import GROUPS, group_options
+
+    code, out, ray_started = _train("--help", cwd=tmp_path)
+    assert code == 0 and not ray_started, out
+    assert "_schema" not in out
+    options = group_options()
+    assert set(options) == set(GROUPS) and {"ppo", "grpo", "d3po", "dpo"} <= set(options["algo"])
+    for group, by_name in options.items():
+        assert f"\n{group}:\n" in out
+        for option, comment in by_name.items():
+            # Every shipped option says what it is, on its own line of --help.
+            assert comment, f"{group}={option} has no comment"
+            assert re.search(rf"^  {re.escape(option)} +{re.escape(comment)}$", out, re.M), (option, comment)
+    assert max(len(line) for line in out.splitlines()) <= 140
+
+
+@pytest.mark.parametrize("args, wrong", [(["algo=grpp"], "algo=grpp"), (["-m", "seed=0,1", "policy=mlp,mpl"], "policy=mpl")])
+def test_a_wrong_group_option_names_the_options_without_schema_entries(tmp_path, args, wrong):
+    code, out, ray_started = _train(*args, cwd=tmp_path)
+    assert code == 1 and not ray_started, out
+    assert f"config error: {wrong}: no such option in group" in out, out
+    assert "did you mean" in out and "_schema" not in out and "Traceback" not in out, out

@@ -114,6 +114,8 @@ def d3po_step_loss(
             "clipfrac": ((log_ratio_w.exp() - 1).abs() > clip_coef).float().mean(),
             "kl": 0.5 * ((log_ratio_w**2).mean() + (log_ratio_l**2).mean()),
         }
+        if reference == "adapter":  # the reference is the base model: the same number under the shared name
+            metrics["kl_to_base"] = 0.5 * metrics["kl"]
     return loss.mean(), metrics
 
 

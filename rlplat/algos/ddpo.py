@@ -68,13 +68,15 @@ class PerPromptStatTracker:
 
 def ddpo_step_loss(
     policy: Any, traj: Batch, step: int, advantages: torch.Tensor, clip_coef: float = 1e-4,
-    adv_clip_max: float = 5.0, kl_coef: float = 0.0,
+    adv_clip_max: float = 5.0, kl_coef: float = 0.0, kl_to_base_rows: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip loss of denoising step ``step`` for the trajectories in ``traj`` (with gradients).
 
     ``traj`` is ``sample_trajectory``'s Batch (its ``logprobs`` are the old log-probs);
     ``advantages`` [B] per image. With ``kl_coef`` > 0 the k3 KL estimate to the adapter-disabled
-    reference (LoRA) is added.
+    reference (LoRA) is added. ``kl_to_base``, half the mean squared log-ratio to that reference,
+    is measured on every row when ``kl_coef`` > 0, else on the first ``kl_to_base_rows`` rows
+    (0: not measured).
     """
     prompts = list(traj["prompts"])
     t = traj["timesteps"][:, step]
@@ -82,13 +84,17 @@ def ddpo_step_loss(
     old = traj["logprobs"][:, step].to(logp)
     adv = advantages.to(logp).clamp(-adv_clip_max, adv_clip_max)
     loss, metrics = ppo_policy_loss(logp, old, adv, clip_coef)
-    if kl_coef > 0:
+    rows = len(prompts) if kl_coef > 0 else min(int(kl_to_base_rows), len(prompts))
+    if rows > 0:
         with torch.no_grad(), policy.adapter_disabled():
-            ref = policy.step_logprob(traj["latents"][:, step], traj["next_latents"][:, step], t, prompts)
-        log_ratio = ref - logp
-        kl = (log_ratio.exp() - 1 - log_ratio).mean()
-        loss = loss + kl_coef * kl
-        metrics["kl"] = kl.detach()
+            ref = policy.step_logprob(traj["latents"][:rows, step], traj["next_latents"][:rows, step], t[:rows],
+                                      prompts[:rows])
+        log_ratio = ref - logp[:rows]
+        metrics["kl_to_base"] = 0.5 * (log_ratio.detach() ** 2).mean()
+        if kl_coef > 0:
+            kl = (log_ratio.exp() - 1 - log_ratio).mean()
+            loss = loss + kl_coef * kl
+            metrics["kl"] = kl.detach()
     return loss, metrics
 
 
@@ -128,6 +134,10 @@ class DDPOConfig:
     adv_clip_max: float = checked(5.0, gt=0)
     # Weight of the k3 KL to the adapter-disabled reference (needs LoRA; 0: none).
     kl_coef: float = checked(0.0, ge=0)
+    # Rows of each minibatch whose log-ratio to the base (LoRA disabled) is measured, without
+    # gradients, for train/kl_to_base (0: not measured; every row when kl_coef > 0). A few rows keep
+    # the measurement to a few % of the update (one extra forward on 4 of 16 rows).
+    kl_to_base_rows: int = checked(4, ge=0)
     # Optimizer (AdamW).
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, eps=1e-8, max_grad_norm=1.0))
 
@@ -161,8 +171,10 @@ class DDPO(PreferenceAlgorithm):
         return traj, {"train/advantage_abs": float(adv.abs().mean())}
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Without an adapter there is no base to compare with: kl_to_base is not measured.
+        kl_rows = int(self.cfg.get("kl_to_base_rows", 0)) if getattr(policy, "reference_is_builtin", False) else 0
         return ddpo_step_loss(policy, mb, step, mb["advantages"], float(self.cfg["clip_coef"]),
-                              float(self.cfg["adv_clip_max"]), float(self.cfg.get("kl_coef", 0.0)))
+                              float(self.cfg["adv_clip_max"]), float(self.cfg.get("kl_coef", 0.0)), kl_rows)
 
     def state_dict(self) -> dict[str, Any]:
         return {"tracker": self.tracker.state_dict()}

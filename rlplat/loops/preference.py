@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import registry
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
+from rlplat.envs.preference.shapes import ShapesFidelity, parse_caption
 from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid, say
 from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
 from rlplat.runtime.placement import PlacementSpec
@@ -33,6 +36,49 @@ log = logging.getLogger(__name__)
 
 # Images of the eval set shown in each grid (the first ones, same seeds at every evaluation).
 GRID_IMAGES = 32
+
+
+#: What ``OnlinePreferenceCollector.evaluate`` can log beside the reward (``trainer.stop_when`` may name them).
+SIDE_METRICS = ("eval/fidelity", "eval/diversity")
+#: Everything a text-to-image run logs that ``trainer.stop_when`` may watch: the evaluation's metrics
+#: and the algorithms' log-ratio to the base (``train/kl_to_base``: D3PO with the adapter reference,
+#: DDPO with ``algo.kl_to_base_rows`` > 0).
+STOPPABLE_METRICS = ("eval/reward", "eval/reward_std", "eval/win_rate_vs_base", *SIDE_METRICS, "train/kl_to_base",
+                     "reward/mean")
+
+
+def prompt_fidelity(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
+    """Shapes-world prompt fidelity [B] in [0, 1] of uint8 images [B, H, W, 3] for their captions,
+    whatever the run's reward (whether a JPEG-tuned model still draws what it is asked for); None
+    when a caption is outside the shapes world (e.g. Pick-a-Pic prompts), which has no such score."""
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return None
+    return np.asarray(ShapesFidelity()(images, prompts), np.float64)
+
+
+def image_diversity(images: np.ndarray, prompts: Sequence[str]) -> float:
+    """Mean pairwise distance between the images of the same caption (different seeds).
+
+    The distance of two uint8 images is the root-mean-square difference of their pixels scaled to
+    [0, 1] (0: identical, 1: black vs white everywhere); pairs are averaged per caption, then over
+    the captions with at least two images. NaN when no caption has two images.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        groups[prompt].append(i)
+    pixels = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
+    per_caption = []
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        x = pixels[rows]
+        sq = ((x[:, None, :] - x[None, :, :]) ** 2).mean(-1)
+        upper = np.triu_indices(len(rows), k=1)
+        per_caption.append(float(np.sqrt(sq[upper]).mean()))
+    return float(np.mean(per_caption)) if per_caption else float("nan")
 
 
 #: The contract of preference sources that are datasets of pairs (envs/preference/offline.py).
@@ -155,7 +201,10 @@ class OnlinePreferenceCollector(Collector):
     def evaluate(self, step: int, last: bool = False) -> dict[str, float]:
         """Scores ``trainer.eval_episodes`` images of the held-out prompts, same seeds every time.
 
-        The prompts cycle through ``eval_prompts``; noise and step seeds derive from ``seed`` only,
+        Beside the reward: ``eval/fidelity`` (the shapes score of the same images, on any reward,
+        when the captions are shapes captions: ``prompt_fidelity``), ``eval/diversity`` (how far
+        apart the images of one caption are across seeds: ``image_diversity``) and the win rate
+        over the untuned model's images. The prompts cycle through ``eval_prompts``; noise and step seeds derive from ``seed`` only,
         so the grids of two evaluations (and of two runs with the same seed) differ only by the
         weights. Saves ``media/eval_step_<N>.png`` (the first 32 images, captioned).
         """
@@ -175,6 +224,12 @@ class OnlinePreferenceCollector(Collector):
         if step == 0 and self.base_scores is None:
             self.base_scores = scores  # the untuned model's images of the same prompts and seeds
         metrics = {"eval/reward": float(scores.mean()), "eval/reward_std": float(scores.std())}
+        diversity = image_diversity(images, prompts)
+        if np.isfinite(diversity):  # not when every caption has one image
+            metrics["eval/diversity"] = diversity
+        fidelity = prompt_fidelity(images, prompts)
+        if fidelity is not None:
+            metrics["eval/fidelity"] = float(fidelity.mean())
         if self.base_scores is not None and len(self.base_scores) == len(scores):
             metrics["eval/win_rate_vs_base"] = float(np.mean(scores > self.base_scores)
                                                      + 0.5 * np.mean(scores == self.base_scores))
