@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 import rlplat.algos.sft  # noqa: F401  (registers the SFT schema below)
 from rlplat import registry
-from rlplat.registry import checked
+from rlplat.registry import Check, checked
 from rlplat.runtime.cluster import ClusterConfig
 from rlplat.runtime.placement import PlacementConfig
 
@@ -45,6 +45,20 @@ class LoggerConfig:
 
 
 # --------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class StopWhenCheck(Check):
+    """``trainer.stop_when``'s syntax (``rlplat.loops.skeleton.parse_stop_when``)."""
+
+    def problem(self, value: Any) -> str | None:
+        from rlplat.loops.skeleton import STOP_SYNTAX, parse_stop_when
+
+        try:
+            parse_stop_when(value)
+        except ValueError:
+            return STOP_SYNTAX
+        return None
 
 
 @dataclass
@@ -80,6 +94,9 @@ class TrainerConfig:
     save_video: bool = True
     # Torch threads per worker process (1 gives stable timings on small CPUs).
     torch_threads: int = checked(1, ge=1)
+    # Stop early, with a checkpoint, once a logged metric crosses a bound: "eval/fidelity<0.8",
+    # several joined by " or " ("eval/fidelity<0.8 or perf/elapsed_s>1800"); null: never.
+    stop_when: str | None = field(default=None, metadata={"check": StopWhenCheck()})
 
 
 @dataclass

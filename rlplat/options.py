@@ -105,10 +105,11 @@ def check_group_choices(overrides: Sequence[str]) -> str | None:
     """The message for the first ``group=option`` override (swept values too) whose option does
     not exist, naming the options and the closest one; None when all exist."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
-    except Exception:  # Hydra reports syntax errors itself, with their position
+    except HydraException:  # Hydra reports syntax errors itself, with their position
         return None
     options = group_options()
     for override in parsed:

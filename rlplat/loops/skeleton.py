@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import abc
 import logging
+import operator
+import re
 import shutil
 import signal
 import sys
@@ -31,6 +33,45 @@ from rlplat.runtime.placement import Placement, PlacementSpec
 from rlplat.runtime.worker_group import WorkerGroup
 
 log = logging.getLogger(__name__)
+
+#: Seconds since this process started (or resumed) the run, logged every iteration: what a
+#: wall-clock ``trainer.stop_when`` (``perf/elapsed_s>1800``) and time curves read.
+ELAPSED = "perf/elapsed_s"
+_STOP_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w./-]*)\s*(<=|>=|<|>)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+STOP_SYNTAX = ("'<metric><op><number>' with op one of <, <=, >, >= (several joined by ' or '), "
+               "e.g. eval/fidelity<0.8 or 'eval/fidelity<0.8 or perf/elapsed_s>1800'")
+
+
+@dataclass(frozen=True)
+class StopCondition:
+    """One ``trainer.stop_when`` condition: the run stops once ``metric op threshold`` holds."""
+
+    metric: str
+    op: str
+    threshold: float
+
+    def met(self, metrics: dict[str, Any]) -> bool:
+        """Whether the metric was logged in ``metrics`` and meets the condition."""
+        value = metrics.get(self.metric)
+        return value is not None and bool(_STOP_OPS[self.op](float(value), self.threshold))
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+def parse_stop_when(text: str | None) -> list[StopCondition]:
+    """``trainer.stop_when`` as conditions (``"eval/fidelity<0.8 or perf/elapsed_s>1800"``);
+    empty for null. Raises ValueError naming the key and the syntax."""
+    if text is None or not str(text).strip():
+        return []
+    conditions = []
+    for part in str(text).split(" or "):
+        match = _CONDITION.match(part)
+        if match is None:
+            raise ValueError(f"trainer.stop_when={text!r}: {part.strip()!r} is not a condition; write {STOP_SYNTAX}")
+        conditions.append(StopCondition(match.group(1), match.group(2), float(match.group(3))))
+    return conditions
 
 
 @dataclass
@@ -186,12 +227,15 @@ class Run:
     def run(self) -> dict[str, Any]:
         """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics.
 
-        SIGINT / SIGTERM finish the current iteration, write a checkpoint, print the resume
+        ``trainer.stop_when`` ends the run earlier, with a checkpoint and (when that step had
+        none) an evaluation, once one of its conditions holds on a step's metrics. SIGINT / SIGTERM finish the current iteration, write a checkpoint, print the resume
         command and exit with 130 / 143 (a second signal exits at once)."""
         tc, collector = self.cfg.trainer, self.collector
         start = self.restore_or_reset()
         logger = collector.logger = RunLogger.from_config(self.cfg, self.run_dir, start)
         metrics: dict[str, Any] = {}
+        conditions, unseen = parse_stop_when(tc.get("stop_when")), True
+        run_start = time.perf_counter()
         with StopSignals() as stop:
             try:
                 if start == 0 and tc.eval_at_start:
@@ -203,15 +247,27 @@ class Run:
                     metrics |= self.update(batch, step)
                     self.sync_weights()
                     elapsed = time.perf_counter() - t0
-                    metrics |= {**collector.progress(step, elapsed), "perf/iteration_s": elapsed}
+                    metrics |= {**collector.progress(step, elapsed), "perf/iteration_s": elapsed,
+                                ELAPSED: time.perf_counter() - run_start}
                     if self.restarts:
                         metrics["faults/restarts"] = self.restarts
                     last = step == tc.total_steps
-                    if last or (tc.eval_every and step % tc.eval_every == 0):
+                    evaluated = last or bool(tc.eval_every and step % tc.eval_every == 0)
+                    if evaluated:
                         metrics |= collector.evaluate(step, last)
+                        if unseen and conditions:
+                            unseen = self._warn_unlogged(conditions, metrics, step)
+                    met = None if last else next((c for c in conditions if c.met(metrics)), None)
+                    if met is not None and not evaluated:  # e.g. the wall-clock budget: end on an evaluation
+                        metrics |= collector.evaluate(step, last=True)
                     logger.log(step, metrics)
-                    if last or stop.signum or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    if last or stop.signum or met or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                         self.save_checkpoint(step)
+                    if met is not None:
+                        say(self.run_dir, f"stopped after step {step} of {tc.total_steps}: trainer.stop_when "
+                                          f"{met} holds ({met.metric}={float(metrics[met.metric]):.4g}); checkpoint "
+                                          f"written, {checkpoint.resume_command(self.run_dir)}")
+                        break
                     if stop.signum and not last:
                         stop.exit(f"stopped after step {step} (checkpoint written); "
                                   f"{checkpoint.resume_command(self.run_dir)}")
@@ -223,6 +279,15 @@ class Run:
                 logger.close()
         collector.report(metrics)
         return metrics
+
+    @staticmethod
+    def _warn_unlogged(conditions: list[StopCondition], metrics: dict[str, Any], step: int) -> bool:
+        """Warns once about stop conditions whose metric the run's first evaluation did not log."""
+        for condition in conditions:
+            if condition.metric not in metrics:
+                log.warning("trainer.stop_when watches %s, which this run did not log by step %d (logged: %s); "
+                            "that condition can never stop it", condition.metric, step, ", ".join(sorted(metrics)))
+        return False
 
     def update(self, batch: Batch, step: int) -> dict[str, float]:
         """One algorithm update on the actor group; returns its metrics averaged over ranks."""
