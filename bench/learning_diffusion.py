@@ -1,7 +1,17 @@
-"""Learning benchmark for text-to-image preference tuning: D3PO and DDPO on the tiny model, 3 seeds.
+"""Learning benchmark for text-to-image preference tuning: D3PO and DDPO on the tiny model.
 
-    python bench/learning_diffusion.py                                  # 2 algos x 2 rewards x seeds 0 1 2
+    python bench/learning_diffusion.py                                  # short: 2 algos x 2 rewards x seeds 0 1 2
     python bench/learning_diffusion.py --seeds 0 --steps 4 --eval-images 16   # a quick look
+    python bench/learning_diffusion.py --budget-min 30                  # long: 30 min of wall time per cell, 1 seed
+
+Short mode (the default) runs each cell's preset for its iterations (16) on 3 seeds: is the
+gain beyond the seed spread? Long mode (``--budget-min M``) runs each cell's long preset
+(``LONG_PRESETS``: JPEG from the shipped base, prompt fidelity from the early base
+``diffusion_tiny_shapes_early``) for M minutes of wall time on one seed (``trainer.stop_when``
+on ``perf/elapsed_s``, ending on an evaluation), evaluating every ``--eval-every`` iterations;
+it records reward, prompt fidelity, diversity and the log-ratio to the base against samples and
+wall time, writes bench/results/learning_diffusion_long.json, a plot of the curves beside it and
+the eval grids at 0/25/50/100% of the run in learning_diffusion_long_grids/.
 
 Every run starts from the shipped pretrained tiny model (policies/diffusion/assets/shapes_base,
 LoRA r4 on the UNet attention; ``--set policy.path=DIR`` starts from another export) with the
@@ -21,6 +31,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,12 +42,31 @@ from rlplat.train import run
 # Shared by every run: quiet logs.
 COMMON = ["name=bench_diffusion", "logger.progress_bar=false", "logger.log_every=1000"]
 REWARDS = ("jpeg_compressibility", "shapes_fidelity")
+DEFAULT_OUT = Path(__file__).parent / "results" / "learning_diffusion.json"
 # The shipped presets (conf/experiment/) per algorithm and reward: D3PO on JPEG takes more pairs and
 # Adam steps per iteration (d3po_tiny_jpeg.yaml says why); DDPO uses one preset for both.
 PRESETS = {
     "d3po": {"jpeg_compressibility": ["experiment=d3po_tiny_jpeg"], "shapes_fidelity": ["experiment=d3po_tiny"]},
     "ddpo": {reward: ["experiment=ddpo_tiny"] for reward in REWARDS},
 }
+
+
+# Long mode: the tuned preset of each cell (conf/experiment/ says why each value), JPEG from the
+# shipped base and prompt fidelity from the early base (room to learn: ~0.65 instead of 0.95).
+LONG_PRESETS = {
+    "d3po": {"jpeg_compressibility": ["experiment=d3po_tiny_jpeg_long"],
+             "shapes_fidelity": ["experiment=d3po_tiny_shapes_early"]},
+    "ddpo": {"jpeg_compressibility": ["experiment=ddpo_tiny_jpeg_long"],
+             "shapes_fidelity": ["experiment=ddpo_tiny_shapes_early"]},
+}
+# What a long run records at each evaluation (the train metric is the iteration's own).
+LONG_KEYS = ("samples", "perf/elapsed_s", "eval/reward", "eval/fidelity", "eval/diversity", "eval/win_rate_vs_base",
+             "train/kl_to_base")
+# Shares of the run's wall time whose nearest evaluation grid is kept.
+GRID_SHARES = (0, 25, 50, 100)
+# Long-mode acceptance (issue #22): held-out reward within the budget, fidelity floor on JPEG runs.
+TARGETS = {"jpeg_compressibility": -0.91, "shapes_fidelity": 0.85}
+FIDELITY_FLOOR = 0.8
 
 
 def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -53,6 +83,119 @@ def run_one(overrides: list[str], run_dir: Path) -> dict:
             "run_dir": str(run_dir)}
 
 
+def long_curve(run_dir: Path) -> list[dict[str, float]]:
+    """One row per evaluation: ``LONG_KEYS`` that the row logged."""
+    return [{key: float(r[key]) for key in LONG_KEYS if r.get(key) is not None} | {"step": int(r["step"])}
+            for r in read_metrics(run_dir / METRICS_FILE) if r.get("eval/reward") is not None]
+
+
+def reached(curve: list[dict[str, float]], reward: str) -> dict[str, Any]:
+    """The first evaluation that meets the cell's target (and, on JPEG, keeps fidelity >= the floor)."""
+    target = TARGETS[reward]
+    for row in curve:
+        # Both rewards are higher-is-better (JPEG: minus kB, so -0.91 means at most 0.91 kB).
+        good = row["eval/reward"] >= target
+        fidelity_ok = reward != "jpeg_compressibility" or row.get("eval/fidelity", 0.0) >= FIDELITY_FLOOR
+        if good and fidelity_ok:
+            return {"target": target, "met": True, "step": row["step"], "minutes": row.get("perf/elapsed_s", 0) / 60}
+    return {"target": target, "met": False}
+
+
+def keep_grids(run_dir: Path, curve: list[dict[str, float]], out: Path, name: str) -> dict[str, str]:
+    """Copies the eval grid nearest to each share of the run's wall time (``GRID_SHARES``) to ``out``."""
+    total = max(row.get("perf/elapsed_s", 0.0) for row in curve)
+    kept = {}
+    for share in GRID_SHARES:
+        row = min(curve, key=lambda r: abs(r.get("perf/elapsed_s", 0.0) - total * share / 100))
+        grid = run_dir / "media" / f"eval_step_{row['step']:05d}.png"
+        if grid.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            target = out / f"{name}_{share:03d}pct.png"
+            shutil.copy(grid, target)
+            kept[f"{share}%"] = f"{target.name} (step {row['step']}, {row.get('perf/elapsed_s', 0) / 60:.1f} min)"
+    return kept
+
+
+def plot_long(runs: list[dict], out_png: Path) -> None:
+    """Reward vs wall time and vs samples, and fidelity vs wall time, one row per reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = list(dict.fromkeys(r["reward"] for r in runs))
+    fig, axes = plt.subplots(len(rewards), 3, figsize=(16, 4 * len(rewards)), squeeze=False)
+    for row_axes, reward in zip(axes, rewards):
+        for r in (r for r in runs if r["reward"] == reward):
+            minutes = [p.get("perf/elapsed_s", 0.0) / 60 for p in r["curve"]]
+            label = f"{r['algo']} ({r['preset']})"
+            row_axes[0].plot(minutes, [p["eval/reward"] for p in r["curve"]], marker="o", label=label)
+            row_axes[1].plot([p["samples"] for p in r["curve"]], [p["eval/reward"] for p in r["curve"]], marker="o",
+                             label=label)
+            row_axes[2].plot(minutes, [p.get("eval/fidelity", float("nan")) for p in r["curve"]], marker="o",
+                             label=label)
+        for ax, (x_label, y_label) in zip(row_axes, (("wall minutes", reward), ("samples", reward),
+                                                     ("wall minutes", "eval/fidelity (shapes score)"))):
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"held-out {y_label}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        row_axes[0].axhline(TARGETS[reward], color="grey", linestyle="--")
+        row_axes[2].axhline(FIDELITY_FLOOR, color="grey", linestyle=":")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+def main_long(args: argparse.Namespace) -> None:
+    """Long mode: each cell for ``--budget-min`` minutes of wall time, one seed."""
+    root = Path(tempfile.mkdtemp(prefix="rlplat-bench-diffusion-long-"))
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("learning_diffusion_long.json")
+    grids = out.parent / f"{out.stem}_grids"
+    seed = args.seeds[0]
+    runs = []
+    for reward in args.rewards:
+        for algo in args.algos:
+            preset = LONG_PRESETS[algo][reward]
+            budget_s = args.budget_min * 60
+            overrides = [*preset, f"seed={seed}", f"trainer.eval_episodes={args.eval_images}",
+                         f"trainer.eval_every={args.eval_every}", "trainer.total_steps=1000000",
+                         "trainer.checkpoint_every=0", f"trainer.stop_when='perf/elapsed_s>={budget_s:g}'", *args.set]
+            run_dir = root / f"{algo}_{reward}_seed{seed}"
+            t0 = time.perf_counter()
+            run(compose([*COMMON, *overrides]), run_dir)
+            curve = long_curve(run_dir)
+            name = f"{algo}_{reward}"
+            result = {"algo": algo, "reward": reward, "seed": seed, "preset": preset[0].split("=")[-1],
+                      "overrides": overrides, "budget_min": args.budget_min, "wall_s": time.perf_counter() - t0,
+                      "iterations": curve[-1]["step"], "before": curve[0], "final": curve[-1],
+                      "best_reward": max(curve[1:] or curve, key=lambda r: r["eval/reward"]),
+                      "reached": reached(curve, reward), "grids": keep_grids(run_dir, curve, grids, name),
+                      "curve": curve, "run_dir": str(run_dir)}
+            runs.append(result)
+            final = result["final"]
+            print(f"{algo} {reward} ({result['preset']}): {curve[0]['eval/reward']:.4f} -> {final['eval/reward']:.4f} "
+                  f"in {final.get('perf/elapsed_s', 0) / 60:.1f} min, {result['iterations']} iterations, fidelity "
+                  f"{curve[0].get('eval/fidelity', float('nan')):.3f} -> {final.get('eval/fidelity', float('nan')):.3f}; "
+                  f"target {result['reached']}", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            # Written after every cell, so a long session keeps what finished.
+            out.write_text(json.dumps({"mode": "long", "settings": settings, "common": COMMON, "presets": LONG_PRESETS,
+                                       "targets": TARGETS, "fidelity_floor": FIDELITY_FLOOR, "runs": runs}, indent=2))
+            plot_long(runs, out.with_suffix(".png"))
+    print(f"\n{'algo':<6} {'reward':<22} {'before':>8} {'final':>8} {'best':>8} {'fid. before':>11} {'fid. final':>10} "
+          f"{'min':>5} {'iters':>6}  target")
+    for r in runs:
+        b, f = r["before"], r["final"]
+        print(f"{r['algo']:<6} {r['reward']:<22} {b['eval/reward']:>8.4f} {f['eval/reward']:>8.4f} "
+              f"{r['best_reward']['eval/reward']:>8.4f} {b.get('eval/fidelity', float('nan')):>11.3f} "
+              f"{f.get('eval/fidelity', float('nan')):>10.3f} {f.get('perf/elapsed_s', 0) / 60:>5.1f} "
+              f"{r['iterations']:>6}  {r['reached']}")
+    print(f"wrote {out}, {out.with_suffix('.png')}; grids in {grids}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algos", nargs="+", default=sorted(PRESETS), choices=sorted(PRESETS))
@@ -61,8 +204,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="iterations per run (default: the preset's)")
     parser.add_argument("--eval-images", type=int, default=64)
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (e.g. algo.optim.lr=1e-3)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "learning_diffusion.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="JSON to write (default: learning_diffusion.json; long mode: learning_diffusion_long.json)")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="long mode: wall-clock minutes per cell (one seed: the first of --seeds)")
+    parser.add_argument("--eval-every", type=int, default=10, help="long mode: iterations between evaluations")
     args = parser.parse_args()
+    if args.budget_min is not None:
+        main_long(args)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="rlplat-bench-diffusion-"))
     runs = []

@@ -181,7 +181,18 @@ def main() -> Any:
     problem = check_group_choices(args)
     if problem is not None:
         raise SystemExit(f"config error: {problem}")
+    register_launchers()
     return hydra_main()
+
+
+def register_launchers() -> None:
+    """Makes ``hydra/launcher=rlplat_ray`` known to Hydra however rlplat is installed (Hydra finds
+    plugins by listing the ``hydra_plugins`` folders, which an editable install does not show)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.rlplat_launchers.ray_launcher import RlplatRayLauncher
+
+    Plugins.instance().register(RlplatRayLauncher)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from rlplat.logging import LOG_FILE, read_metrics
@@ -28,7 +29,12 @@ def readme_sweep_line() -> list[str]:
     return shlex.split(line)[1:]
 
 
-def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_home(tmp_path):
+# The Ray launcher's local Ray has 2 CPUs and each job's placement takes both: one job at a time.
+RAY_LAUNCHER = ["hydra/launcher=rlplat_ray", "hydra.launcher.num_cpus=2", "placement.cpus_per_device=2"]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "rlplat_ray"])
+def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_home(tmp_path, launcher):
     args = readme_sweep_line()
     assert "-m" in args and any(a.startswith("seed=") and "," in a for a in args), args
     # Shortened: one seed, two iterations; every other swept value kept.
@@ -44,7 +50,8 @@ def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_
     # A user's environment: HOME, nothing redirected by the test harness.
     env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "WANDB_DIR")}
     env |= {"HOME": str(home), "PYTHONUNBUFFERED": "1", "RLPLAT_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args, *SMALL, "logger=wandb"], cwd=tmp_path,
+    extra = RAY_LAUNCHER if launcher == "rlplat_ray" else []
+    proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args, *SMALL, *extra, "logger=wandb"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -63,10 +70,14 @@ def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_
         combos.add(tuple(overrides[key] for key in sorted(swept)))
         assert read_metrics(run_dir / "metrics.jsonl")
     assert combos == set(itertools.product(*(swept[key] for key in sorted(swept))))
-    # One Ray for the whole sweep (basic launcher: jobs in this process one after another).
+    # One Ray for the whole sweep: the basic launcher runs the jobs in this process one after
+    # another; the Ray launcher runs them as tasks on its cluster, never more than fit.
     assert out.count(STARTED_MESSAGE) == 1, out
+    spans = sorted(((r / "config.yaml").stat().st_mtime, (r / "metrics.jsonl").stat().st_mtime) for r in runs)
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans)), spans
     # Piped: one console line per logged iteration, unwrapped, the same lines in each run's log file.
-    step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    step_lines = [re.sub(r"^\([^)]*\) ", "", line) for line in proc.stdout.splitlines()]  # Ray's task prefix
+    step_lines = [line for line in step_lines if line.startswith("step ")]
     rows = sum(len(read_metrics(r / "metrics.jsonl")) for r in runs)
     assert len(step_lines) == rows, proc.stdout
     assert all(re.fullmatch(r"step +\d+  env_steps [\d,]+.*", line) for line in step_lines), step_lines
@@ -85,3 +96,20 @@ def test_the_readmes_sweep_line_makes_one_run_dir_per_job_and_writes_nothing_in_
     assert {row["group"] for row in result["table"]} == want, result["markdown"]
     assert all(row["seeds"] == 1 and row["not finished"] == 0 for row in result["table"])
     assert not result["problems"] and (sweep / "report.md").exists()
+
+
+def test_the_ray_launcher_counts_what_each_job_places_and_never_oversubscribes():
+    from omegaconf import OmegaConf as Conf
+
+    from hydra_plugins.rlplat_launchers.ray_launcher import fits, job_resources
+
+    gpu_job = Conf.create({"placement": {"num_devices": 2, "use_gpu": True, "gpus_per_device": 0.5,
+                                          "cpus_per_device": 2, "roles": {"env": "0", "actor": "1"}}})
+    need = job_resources(gpu_job)
+    assert need == {"CPU": 4.0, "GPU": 1.0}
+    cluster = {"CPU": 8.0, "GPU": 1.0}
+    # Two such jobs need two GPUs' worth: the second waits for the first.
+    assert fits(need, {}, cluster) and not fits(need, need, cluster)
+    half = job_resources(Conf.create({"placement": {"num_devices": 1, "use_gpu": True, "gpus_per_device": 0.5}}))
+    assert half == {"CPU": 1.0, "GPU": 0.5}
+    assert fits(half, half, cluster) and not fits(half, {"CPU": 1.0, "GPU": 0.75}, cluster)

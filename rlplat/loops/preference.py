@@ -28,7 +28,7 @@ from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
 from rlplat.envs.preference.shapes import ShapesFidelity, parse_caption
 from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid, say
-from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
+from rlplat.loops.skeleton import ELAPSED, Collector, PolicyWorkers, Run, parse_stop_when
 from rlplat.runtime.placement import PlacementSpec
 from rlplat.workers.diffusion import DiffusionWorker
 
@@ -44,17 +44,24 @@ SIDE_METRICS = ("eval/fidelity", "eval/diversity")
 #: and the algorithms' log-ratio to the base (``train/kl_to_base``: D3PO with the adapter reference,
 #: DDPO with ``algo.kl_to_base_rows`` > 0).
 STOPPABLE_METRICS = ("eval/reward", "eval/reward_std", "eval/win_rate_vs_base", *SIDE_METRICS, "train/kl_to_base",
-                     "reward/mean")
+                     "reward/mean", ELAPSED, "perf/iteration_s", "samples", "pairs")
+
+
+def shapes_captions(prompts: Sequence[str]) -> bool:
+    """Whether every prompt is a caption of the shapes world (so the shapes score applies)."""
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
 
 
 def prompt_fidelity(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
     """Shapes-world prompt fidelity [B] in [0, 1] of uint8 images [B, H, W, 3] for their captions,
     whatever the run's reward (whether a JPEG-tuned model still draws what it is asked for); None
     when a caption is outside the shapes world (e.g. Pick-a-Pic prompts), which has no such score."""
-    try:
-        for prompt in prompts:
-            parse_caption(prompt)
-    except ValueError:
+    if not shapes_captions(prompts):
         return None
     return np.asarray(ShapesFidelity()(images, prompts), np.float64)
 
@@ -110,8 +117,11 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
         raise ValueError(f"policy._target_={cfg.policy._target_} is not a registered text-to-image policy; "
                          f"preference runs need policy=diffusion_tiny, diffusion_tiny_shapes or sd15")
     registry.preflight("policy", cfg.policy)
+    prompt_set = None
     if "prompts" in cfg.preference:  # a prompt set is data only: cheap to build here
-        algo.check_source(instantiate(cfg.preference.prompts, _convert_="all"))
+        prompt_set = instantiate(cfg.preference.prompts, _convert_="all")
+        algo.check_source(prompt_set)
+    check_stop_when(cfg, prompt_set)
     for role in ("rollout", "actor"):
         if role not in cfg.placement.roles:
             raise ValueError(f"placement.roles has no {role!r}: add placement.roles.{role}=<devices>")
@@ -121,6 +131,21 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
                          f"actor worker (data-parallel diffusion updates are not implemented); name one device")
     algo.check(int(OmegaConf.select(cfg, "policy.lora.r", default=0) or 0))
     return algo
+
+
+def check_stop_when(cfg: DictConfig, prompt_set: Any = None) -> None:
+    """``trainer.stop_when`` names metrics a text-to-image run logs (and ``eval/fidelity`` needs
+    shapes captions among the held-out prompts); raises ValueError naming the key."""
+    text = OmegaConf.select(cfg, "trainer.stop_when", default=None)
+    for condition in parse_stop_when(text):
+        if condition.metric not in STOPPABLE_METRICS:
+            raise ValueError(f"trainer.stop_when={text!r} watches {condition.metric!r}, which text-to-image runs do not "
+                             f"log: name one of {', '.join(STOPPABLE_METRICS)}")
+        if condition.metric == "eval/fidelity" and prompt_set is not None and not shapes_captions(
+                prompt_set.eval_prompts):
+            raise ValueError(f"trainer.stop_when={text!r} watches eval/fidelity, the shapes-world score, but the "
+                             f"held-out prompts of preference={cfg.preference._target_} are not shapes captions "
+                             f"({prompt_set.eval_prompts[0]!r}): watch eval/reward instead")
 
 
 class OnlinePreferenceCollector(Collector):

@@ -70,6 +70,8 @@ class PlacementConfig:
     num_devices: int = checked(1, ge=1)
     # Reserve one GPU per bundle.
     use_gpu: bool = False
+    # Fraction of a GPU per bundle when use_gpu (e.g. 0.5: two sweep jobs share each GPU).
+    gpus_per_device: float = checked(1.0, gt=0, le=1)
     # CPUs per bundle.
     cpus_per_device: float = checked(1.0, gt=0)
     # Role -> device spec ("0", "0-1", "0,2"); roles with equal specs share one worker group.
@@ -92,10 +94,12 @@ class PlacementSpec:
 
     # Bundles in the placement group: GPUs when use_gpu, else CPU bundles.
     num_devices: int
-    # Reserve one GPU per bundle (and cpus_per_device CPUs).
+    # Reserve gpus_per_device of a GPU per bundle (and cpus_per_device CPUs).
     use_gpu: bool = False
     # CPUs per bundle.
     cpus_per_device: float = 1.0
+    # GPU (fraction) per bundle when use_gpu.
+    gpus_per_device: float = 1.0
     # Role -> device spec ("0", "0-1", "0,2").
     roles: dict[str, str] = field(default_factory=dict)
 
@@ -104,6 +108,8 @@ class PlacementSpec:
             raise ValueError(f"placement num_devices must be >= 1, got {self.num_devices}")
         if self.cpus_per_device <= 0:
             raise ValueError(f"placement cpus_per_device must be > 0, got {self.cpus_per_device}")
+        if not 0 < self.gpus_per_device <= 1:
+            raise ValueError(f"placement gpus_per_device must be in (0, 1], got {self.gpus_per_device}")
         self.roles = dict(self.roles)
         self._devices = {}
         for role, spec in self.roles.items():
@@ -126,6 +132,7 @@ class PlacementSpec:
             num_devices=int(get("num_devices")),
             use_gpu=bool(get("use_gpu", False)),
             cpus_per_device=float(get("cpus_per_device", 1.0)),
+            gpus_per_device=float(get("gpus_per_device", 1.0)),
             roles={str(k): v for k, v in roles.items()},
         )
 
@@ -165,7 +172,7 @@ class PlacementSpec:
         """Ray resource bundles, one per device."""
         bundle = {"CPU": float(self.cpus_per_device)}
         if self.use_gpu:
-            bundle["GPU"] = 1.0
+            bundle["GPU"] = float(self.gpus_per_device)
         return [dict(bundle) for _ in range(self.num_devices)]
 
 

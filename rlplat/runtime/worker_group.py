@@ -179,7 +179,7 @@ class WorkerGroup:
                 raise ValueError("the placement has been removed")
             options["num_cpus"] = share * placement.spec.cpus_per_device
             if placement.spec.use_gpu:
-                options["num_gpus"] = share
+                options["num_gpus"] = share * placement.spec.gpus_per_device
         if env_vars:
             options["runtime_env"] = {"env_vars": {k: str(v) for k, v in env_vars.items()}}
         actor_cls = ray.remote(worker_cls)

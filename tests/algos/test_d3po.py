@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -102,3 +103,43 @@ def test_d3po_update_on_tiny_model_raises_preferred_likelihood(tmp_path):
     assert first_losses[-1] < first_losses[0] - 1e-3, first_losses
     _, m = d3po_step_loss(policy, pairs, 0, beta=1.0, clip_coef=0.5)
     assert m["implicit_acc"].item() > 0.5
+
+
+class PairPolicy:
+    """A stand-in policy whose step log-probs are fixed: the preferred rows' first, then the others'."""
+
+    def __init__(self, logp: dict[str, list[float]], base: dict[str, list[float]]) -> None:
+        self.logp = {k: torch.tensor(v, requires_grad=True) for k, v in logp.items()}
+        self.base = {k: torch.tensor(v) for k, v in base.items()}
+        self.disabled = False
+
+    def step_logprob(self, latents, next_latents, t, prompts):
+        side = "w" if latents[0, 0].item() == 1.0 else "l"
+        return (self.base if self.disabled else self.logp)[side]
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = False
+
+
+def test_kl_to_base_is_half_the_mean_squared_log_ratio_with_the_adapter_reference():
+    from rlplat.algos.d3po import d3po_step_loss
+    from rlplat.batch import Batch
+
+    rows = 2
+    pairs = Batch({"w_latents": torch.ones(rows, 1, 2), "w_next_latents": torch.ones(rows, 1, 2),
+                   "l_latents": torch.zeros(rows, 1, 2), "l_next_latents": torch.zeros(rows, 1, 2),
+                   "w_logprobs": torch.zeros(rows, 1), "l_logprobs": torch.zeros(rows, 1),
+                   "timesteps": torch.zeros(rows, 1, dtype=torch.long)}, extras={"prompts": ["p"] * rows},
+                  batch_size=rows)
+    policy = PairPolicy({"w": [0.1, 0.3], "l": [-0.2, 0.0]}, {"w": [0.0, 0.0], "l": [0.0, 0.4]})
+    _, metrics = d3po_step_loss(policy, pairs, 0, reference="adapter")
+    squares = [0.1**2, 0.3**2, 0.2**2, 0.4**2]
+    assert metrics["kl_to_base"].item() == pytest.approx(0.5 * sum(squares) / 4)
+    # The sampled reference is the sampling-time policy, not the base: no kl_to_base.
+    _, metrics = d3po_step_loss(policy, pairs, 0, reference="sampled")
+    assert "kl_to_base" not in metrics

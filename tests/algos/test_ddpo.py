@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 
-from rlplat.algos.ddpo import PerPromptStatTracker, ddpo_step_loss
+from rlplat.algos.ddpo import DDPO, DDPOConfig, PerPromptStatTracker, ddpo_step_loss
+from rlplat.batch import Batch
 
 
 def test_stat_tracker_uses_global_stats_until_min_count():
@@ -54,3 +58,55 @@ def test_ddpo_update_raises_logprob_of_positive_advantage_samples(tmp_path):
                                 list(traj["prompts"])) - traj["logprobs"][:, k] for k in range(2)
         ]).sum(0)
     assert gain[advantages > 0].mean() > gain[advantages < 0].mean()
+
+
+class ShiftedPolicy:
+    """A stand-in policy: step log-probs are fixed numbers per row, the base's (adapter disabled) others."""
+
+    def __init__(self, logp: list[float], base: list[float]) -> None:
+        self.logp, self.base, self.disabled = torch.tensor(logp, requires_grad=True), torch.tensor(base), False
+        self.reference_is_builtin = True
+
+    def step_logprob(self, latents, next_latents, t, prompts):
+        return (self.base if self.disabled else self.logp)[: len(prompts)]
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = False
+
+
+def _traj(rows: int) -> Batch:
+    return Batch({"latents": torch.zeros(rows, 1, 2), "next_latents": torch.zeros(rows, 1, 2),
+                  "timesteps": torch.zeros(rows, 1, dtype=torch.long), "logprobs": torch.zeros(rows, 1)},
+                 extras={"prompts": ["p"] * rows}, batch_size=rows)
+
+
+def test_kl_to_base_is_half_the_mean_squared_log_ratio_on_the_measured_rows():
+    policy = ShiftedPolicy([0.0, 0.0, 0.0, 0.0], [0.2, -0.4, 1.0, 3.0])
+    adv = torch.zeros(4)
+    _, metrics = ddpo_step_loss(policy, _traj(4), 0, adv, kl_to_base_rows=2)
+    assert metrics["kl_to_base"].item() == pytest.approx(0.5 * (0.2**2 + 0.4**2) / 2)  # the first 2 rows only
+    _, metrics = ddpo_step_loss(policy, _traj(4), 0, adv, kl_to_base_rows=10)
+    assert metrics["kl_to_base"].item() == pytest.approx(0.5 * (0.04 + 0.16 + 1.0 + 9.0) / 4)
+    _, metrics = ddpo_step_loss(policy, _traj(4), 0, adv, kl_to_base_rows=0)
+    assert "kl_to_base" not in metrics
+    # With the KL penalty every row is measured, whatever kl_to_base_rows says.
+    _, metrics = ddpo_step_loss(policy, _traj(4), 0, adv, kl_coef=0.1, kl_to_base_rows=0)
+    assert metrics["kl_to_base"].item() == pytest.approx(0.5 * 10.2 / 4) and "kl" in metrics
+
+
+def test_ddpo_skips_kl_to_base_without_an_adapter():
+    policy = ShiftedPolicy([0.0, 0.0], [1.0, 1.0])
+    policy.reference_is_builtin = False
+    algo = DDPO(**{**asdict(DDPOConfig()), "kl_to_base_rows": 4})
+    batch = _traj(2)
+    batch["advantages"] = torch.zeros(2)
+    _, metrics = algo.step_loss(policy, batch, 0)
+    assert "kl_to_base" not in metrics
+    policy.reference_is_builtin = True
+    _, metrics = algo.step_loss(policy, batch, 0)
+    assert metrics["kl_to_base"].item() == pytest.approx(0.5)

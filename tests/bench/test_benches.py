@@ -151,6 +151,35 @@ def test_learning_diffusion_bench_runs_before_and_after_from_the_shipped_model(
     assert (tmp_path / "learning_diffusion_grids" / "d3po_jpeg_compressibility_before.png").is_file()
 
 
+def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_curves_and_grids(
+    ray_local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "long.json"
+    monkeypatch.setenv("RLPLAT_CACHE_DIR", str(tmp_path / "cache"))
+    budget_s = 3.0
+    argv = ["--budget-min", str(budget_s / 60), "--eval-every", "1", "--algos", "ddpo", "--rewards",
+            "jpeg_compressibility", "--seeds", "0", "--eval-images", "28", "--set", "policy.num_steps=2",
+            "algo.batch_size=2", "algo.group_size=2", "algo.num_minibatches=1", "--out", str(out)]
+    run_main(load_script("learning_diffusion"), argv, monkeypatch)
+    result = json.loads(out.read_text())
+    (row,) = result["runs"]
+    curve = row["curve"]
+    assert result["mode"] == "long" and row["preset"] == "ddpo_tiny_jpeg_long"
+    # Evaluated at step 0 and after every iteration until the budget ran out; then the run stopped.
+    assert [p["step"] for p in curve] == list(range(len(curve))) and row["iterations"] == curve[-1]["step"] >= 1
+    assert curve[-1]["perf/elapsed_s"] >= budget_s and all(p["perf/elapsed_s"] < budget_s for p in curve[1:-1])
+    assert [p["samples"] for p in curve] == [4 * p["step"] for p in curve]  # 2 prompts x 2 samples per iteration
+    for p in curve:
+        assert p["eval/reward"] < 0 and 0 <= p["eval/fidelity"] <= 1 and p["eval/diversity"] > 0
+    assert all(p["train/kl_to_base"] >= 0 for p in curve[1:])
+    assert row["before"] == curve[0] and row["final"] == curve[-1] and row["reached"]["target"] == -0.91
+    assert row["reached"]["met"] == any(p["eval/reward"] >= -0.91 and p["eval/fidelity"] >= 0.8 for p in curve)
+    grids = tmp_path / "long_grids"
+    assert sorted(f.name for f in grids.iterdir()) == [f"ddpo_jpeg_compressibility_{s:03d}pct.png" for s in (0, 25, 50, 100)]
+    assert "step 0," in row["grids"]["0%"] and f"step {row['iterations']}," in row["grids"]["100%"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
 def test_learning_maniskill_bench_records_a_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.simulators import require_simulator
 

@@ -201,3 +201,84 @@ def test_offline_and_online_sources_and_algorithms_must_match(tmp_path, shapes_p
         run(compose([*_dpo_args(tmp_path / "none")]), tmp_path / "c")
     with pytest.raises(SystemExit, match=r"PICKAPIC_PATH.*hf download yuvalkirstain/pickapic_v2"):
         run(compose(["experiment=dpo_tiny_shapes", "preference=pickapic_v2", "preference.path=null"]), tmp_path / "d")
+
+
+# --------------------------------------------------------------------------- side metrics and trainer.stop_when
+
+
+def test_image_diversity_is_the_mean_pairwise_pixel_distance_within_a_caption():
+    from rlplat.loops.preference import image_diversity
+
+    black, white = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)
+    half = black.copy()
+    half[:2] = 255  # half of the pixels differ from black: RMS distance sqrt(0.5)
+    # "a": black, white, black -> pair distances 1, 0, 1 (mean 2/3); "b": two identical images -> 0;
+    # "c" has one image and is left out.
+    images = np.stack([black, white, black, half, half, white])
+    prompts = ["a", "a", "a", "b", "b", "c"]
+    assert image_diversity(images, prompts) == pytest.approx((2 / 3 + 0.0) / 2)
+    assert image_diversity(np.stack([black, half]), ["a", "a"]) == pytest.approx(np.sqrt(0.5))
+    assert np.isnan(image_diversity(np.stack([black, white]), ["a", "b"]))
+
+
+def test_prompt_fidelity_scores_shapes_captions_only():
+    from rlplat.envs.preference.shapes import parse_caption, render
+    from rlplat.loops.preference import prompt_fidelity
+
+    captions = ["two blue squares", "a red circle"]
+    drawn = np.stack([render(parse_caption(c), 32, np.random.default_rng(i)) for i, c in enumerate(captions)])
+    right = prompt_fidelity(drawn, captions)
+    swapped = prompt_fidelity(drawn, captions[::-1])
+    assert right.shape == (2,) and (right > 0.9).all()  # the renderer draws what the caption says
+    assert (swapped < right).all()  # the other caption's colour, count and shape do not match
+    blank = prompt_fidelity(np.full((1, 32, 32, 3), 255, np.uint8), ["a red circle"])
+    assert blank[0] < 0.5
+    assert prompt_fidelity(drawn, ["a photo of a cat", "two blue squares"]) is None
+
+
+def test_stop_when_parses_conditions_and_names_the_key_when_it_cannot():
+    from rlplat.loops.skeleton import parse_stop_when
+
+    assert parse_stop_when(None) == [] and parse_stop_when("") == []
+    (fid,) = parse_stop_when("eval/fidelity<0.8")
+    assert (fid.metric, fid.op, fid.threshold) == ("eval/fidelity", "<", 0.8)
+    assert fid.met({"eval/fidelity": 0.79}) and not fid.met({"eval/fidelity": 0.8}) and not fid.met({})
+    fid, wall = parse_stop_when("eval/fidelity <= 0.8 or perf/elapsed_s>1.8e3")
+    assert fid.met({"eval/fidelity": 0.8}) and wall.threshold == 1800.0 and not wall.met({"perf/elapsed_s": 1800})
+    for bad in ("eval/fidelity=0.8", "eval/fidelity<", "<0.8", "eval/fidelity<0.8 and perf/elapsed_s>1"):
+        with pytest.raises(ValueError, match="trainer.stop_when"):
+            parse_stop_when(bad)
+
+
+def test_stop_when_is_checked_before_the_run_starts(tmp_path):
+    base = [*TINY, "preference=jpeg_compressibility", "algo=ddpo", "policy.lora.r=4"]
+    with pytest.raises(SystemExit, match=r"trainer.stop_when=eval/fidelity=0.8 must be '<metric><op><number>'"):
+        run(compose([*base, "trainer.stop_when='eval/fidelity=0.8'"]), tmp_path / "a")
+    with pytest.raises(SystemExit, match=r"trainer.stop_when='eval/fidelty<0.8' watches 'eval/fidelty'.*eval/fidelity"):
+        run(compose([*base, "trainer.stop_when='eval/fidelty<0.8'"]), tmp_path / "b")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_jpeg_run_logs_side_metrics_and_stop_when_ends_it_with_a_checkpoint(ray_local, tiny_cache, tmp_path):
+    # 28 held-out images: every one of the 14 captions twice (two seeds), so diversity is defined.
+    cfg = compose([*TINY, "preference=jpeg_compressibility", "algo=ddpo", "algo.batch_size=2", "algo.group_size=2",
+                   "algo.num_minibatches=1", "policy.lora.r=4", "trainer.total_steps=5", "trainer.eval_every=2",
+                   "trainer.eval_at_start=true", "trainer.eval_episodes=28", "trainer.checkpoint_every=0",
+                   "trainer.stop_when='eval/fidelity<=1.0'"])
+    final = run(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    # Step 0 evaluates without stopping; the first evaluation after an update (step 2) meets the condition.
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in (rows[0], rows[2]):
+        assert 0.0 <= row["eval/fidelity"] <= 1.0 and row["eval/diversity"] > 0 and row["eval/reward"] < 0
+    assert "eval/fidelity" not in rows[1]
+    assert rows[2]["train/kl_to_base"] >= 0 and rows[1]["perf/elapsed_s"] < rows[2]["perf/elapsed_s"]
+    assert final["eval/fidelity"] == rows[2]["eval/fidelity"]
+    assert (tmp_path / "run/checkpoints/step_2").is_dir() and not (tmp_path / "run/checkpoints/step_5").exists()
+    assert "trainer.stop_when eval/fidelity<=1 holds" in (tmp_path / "run/train.log").read_text()
+    # A wall-clock condition met on a step without an evaluation still ends on one.
+    cfg.trainer.stop_when, cfg.trainer.eval_every = "perf/elapsed_s>0", 0
+    run(cfg, tmp_path / "wall")
+    rows = read_metrics(tmp_path / "wall/metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1] and "eval/reward" in rows[1]
+    assert (tmp_path / "wall/checkpoints/step_1").is_dir()
