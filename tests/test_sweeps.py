@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from rlplat.logging import LOG_FILE, read_metrics
 from rlplat.report import report
 from rlplat.runtime.cluster import STARTED_MESSAGE
+from tests.simulators import require_optional
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Small enough for a test (PPO or GRPO alike): 8 envs, 10-step episodes, 4 eval episodes.
@@ -113,3 +114,45 @@ def test_the_ray_launcher_counts_what_each_job_places_and_never_oversubscribes()
     half = job_resources(Conf.create({"placement": {"num_devices": 1, "use_gpu": True, "gpus_per_device": 0.5}}))
     assert half == {"CPU": 1.0, "GPU": 0.5}
     assert fits(half, half, cluster) and not fits(half, {"CPU": 1.0, "GPU": 0.75}, cluster)
+
+
+def test_the_slurm_launcher_preset_writes_the_sbatch_script_of_the_sweep(tmp_path):
+    require_optional("hydra_plugins.hydra_submitit_launcher", "pip install -e '.[sweeps]'")
+    # A machine without Slurm: srun passes through, sbatch keeps the script it was given and refuses.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_CAPTURE"\necho "sbatch: error: no Slurm here" >&2\nexit 1\n')
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    script = tmp_path / "sbatch.sh"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(script)}
+    proc = subprocess.run([sys.executable, "-m", "rlplat.train", "-m", "hydra/launcher=rlplat_slurm",
+                           "hydra.launcher.partition=gpu", "experiment=toy_mlp", "seed=0,1,2", "placement.use_gpu=true"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0 and "no Slurm here" in proc.stderr, proc.stderr
+    text = script.read_text()
+    for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --time=240", "#SBATCH --mem=64GB",
+                 "export HF_HUB_OFFLINE=1 WANDB_MODE=offline"):
+        assert line in text, text
+    assert re.search(r"^srun .* -m submitit\.core\._submit .*/multirun/[^/]+/\.submitit/%j$", text, re.MULTILINE), text
+    # Each job's call (its overrides) was pickled for the array's tasks: one per seed.
+    assert len(list((tmp_path / "multirun").glob("*/.submitit/*.pkl"))) == 3
+
+
+def test_the_optuna_preset_composes_with_its_search_space_and_a_maximized_objective():
+    require_optional("hydra_plugins.hydra_optuna_sweeper", "pip install -e '.[sweeps]'")
+    from hydra import compose, initialize_config_module
+
+    from rlplat.config import register_configs
+
+    register_configs()
+    with initialize_config_module("rlplat.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=toy_mlp", "hydra/sweeper=optuna_toy_mlp"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert dict(sweeper.params) == {"algo.optim.lr": "tag(log, interval(1e-4, 3e-3))",
+                                    "algo.ent_coef": "interval(0.0, 0.01)"}
+    # Both searched keys exist in the composed run config (a typo would make every trial fail).
+    assert cfg.algo.optim.lr > 0 and cfg.algo.ent_coef >= 0

@@ -228,7 +228,8 @@ class Run:
         """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics.
 
         ``trainer.stop_when`` ends the run earlier, with a checkpoint and (when that step had
-        none) an evaluation, once one of its conditions holds on a step's metrics. SIGINT / SIGTERM finish the current iteration, write a checkpoint, print the resume
+        none) an evaluation, once one of its conditions holds on a step's metrics.
+        SIGINT / SIGTERM finish the current iteration, write a checkpoint, print the resume
         command and exit with 130 / 143 (a second signal exits at once)."""
         tc, collector = self.cfg.trainer, self.collector
         start = self.restore_or_reset()
@@ -261,7 +262,7 @@ class Run:
                     if met is not None and not evaluated:  # e.g. the wall-clock budget: end on an evaluation
                         metrics |= collector.evaluate(step, last=True)
                     logger.log(step, metrics)
-                    if last or stop.signum or met or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    if last or stop.signum or met is not None or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                         self.save_checkpoint(step)
                     if met is not None:
                         say(self.run_dir, f"stopped after step {step} of {tc.total_steps}: trainer.stop_when "
