@@ -161,14 +161,20 @@ def main_long(args: argparse.Namespace) -> None:
             budget_s = args.budget_min * 60
             overrides = [*preset, f"seed={seed}", f"trainer.eval_episodes={args.eval_images}",
                          f"trainer.eval_every={args.eval_every}", "trainer.total_steps=1000000",
-                         "trainer.checkpoint_every=0", f"trainer.stop_when='perf/elapsed_s>={budget_s:g}'", *args.set]
+                         "trainer.checkpoint_every=0", *args.set]
+            cfg = compose([*COMMON, *overrides])
+            # The budget joins the preset's own stop conditions (e.g. a fidelity floor).
+            cfg.trainer.stop_when = " or ".join(filter(None, [cfg.trainer.stop_when, f"perf/elapsed_s>={budget_s:g}"]))
             run_dir = root / f"{algo}_{reward}_seed{seed}"
             t0 = time.perf_counter()
-            run(compose([*COMMON, *overrides]), run_dir)
+            run(cfg, run_dir)
             curve = long_curve(run_dir)
+            log_lines = (run_dir / "train.log").read_text().splitlines() if (run_dir / "train.log").is_file() else []
             name = f"{algo}_{reward}"
             result = {"algo": algo, "reward": reward, "seed": seed, "preset": preset[0].split("=")[-1],
-                      "overrides": overrides, "budget_min": args.budget_min, "wall_s": time.perf_counter() - t0,
+                      "overrides": overrides, "stop_when": cfg.trainer.stop_when, "budget_min": args.budget_min,
+                      "wall_s": time.perf_counter() - t0,
+                      "stopped": next((line for line in log_lines if "trainer.stop_when" in line), None),
                       "iterations": curve[-1]["step"], "before": curve[0], "final": curve[-1],
                       "best_reward": max(curve[1:] or curve, key=lambda r: r["eval/reward"]),
                       "reached": reached(curve, reward), "grids": keep_grids(run_dir, curve, grids, name),

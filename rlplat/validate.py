@@ -68,6 +68,7 @@ def _cross_checks(cfg: DictConfig, run_dir: Path) -> Validated:
     from rlplat import checkpoint
     from rlplat.loops.embodied import check_config
     from rlplat.loops.preference import check_preference_config
+    from rlplat.runtime.placement import PlacementSpec
     from rlplat.train import warm_start_config
 
     has_env, has_preference = cfg.get("env") is not None, cfg.get("preference") is not None
@@ -78,6 +79,7 @@ def _cross_checks(cfg: DictConfig, run_dir: Path) -> Validated:
     if not has_env and not has_preference:
         raise ConfigError("the run has neither an env nor a preference source: choose env=<name> (e.g. env=toy) "
                           "or preference=<name> (e.g. preference=shapes_fidelity)")
+    PlacementSpec.from_config(cfg.placement)  # roles on devices, bundles: ValueError naming the key
     result = Validated(check_preference_config(cfg) if has_preference else check_config(cfg))
     if has_env:
         result.warm_cfg = warm_start_config(cfg, run_dir)

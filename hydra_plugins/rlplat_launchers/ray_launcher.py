@@ -11,8 +11,8 @@ Why not hydra-ray-launcher: its last release (1.2.2) pins ``cloudpickle<3``, whi
 (``cloudpickle>=3``) refuses, and it starts its own Ray rather than joining the runs' cluster.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Hydra executes plugin modules without entering
+# them in sys.modules, and dataclasses then cannot resolve string annotations.
 import atexit
 import logging
 from collections.abc import Sequence

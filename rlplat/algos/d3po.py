@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.algos.ddpo import without_final_steps
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.registry import checked, register
@@ -131,6 +132,9 @@ class D3POConfig:
     update_epochs: int = checked(1, ge=1)
     # Share of the denoising steps trained per minibatch (drawn at random).
     timestep_fraction: float = checked(1.0, gt=0, le=1)
+    # Denoising steps nearest the image that get no update (0: every step trains). The last DDIM
+    # step has the smallest std, so its ratio leaves the clip band first.
+    skip_final_steps: int = checked(0, ge=0)
     # DPO temperature beta.
     beta: float = checked(0.1, gt=0)
     # Half-width of the clipped ratio band.
@@ -161,6 +165,11 @@ class D3PO(PreferenceAlgorithm):
         return order_pairs(first, second, a_preferred, keep), {
             "pairs/kept_fraction": float(keep.mean()), "pairs/score_gap": float(gap.mean()),
         }
+
+    def update(self, policy: Any, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
+               *args: Any, **kwargs: Any) -> dict[str, float]:
+        batch = without_final_steps(batch, int(self.cfg.get("skip_final_steps", 0)))
+        return super().update(policy, optimizer, batch, generator, *args, **kwargs)
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return d3po_step_loss(policy, mb, step, float(self.cfg["beta"]), float(self.cfg["clip_coef"]),

@@ -98,6 +98,23 @@ def ddpo_step_loss(
     return loss, metrics
 
 
+def without_final_steps(batch: Batch, n: int) -> Batch:
+    """``batch`` with its last ``n`` denoising steps cut from every per-step field ([B, T, ...],
+    T = ``timesteps``' second dim), so those steps get no update; ``n`` = 0 returns it as is."""
+    if n <= 0:
+        return batch
+    steps = batch["timesteps"].shape[1]
+    if n >= steps:
+        raise ValueError(f"algo.skip_final_steps={n} leaves none of the {steps} denoising steps (policy.num_steps) "
+                         f"to train: use 0 to {steps - 1}")
+    out = batch.select(*batch.keys())
+    for key in batch:
+        value = batch[key]
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] == steps:
+            out[key] = value[:, : steps - n]
+    return out
+
+
 # algo.advantage -> (algo, prompts, scores [B]) -> advantages [B]: normalised within the group_size
 # samples of each prompt (GRPO for diffusion) or by the prompt's running statistics (DDPO).
 ADVANTAGES = {
@@ -128,6 +145,9 @@ class DDPOConfig:
     update_epochs: int = checked(1, ge=1)
     # Share of the denoising steps trained per minibatch (drawn at random).
     timestep_fraction: float = checked(1.0, gt=0, le=1)
+    # Denoising steps nearest the image that get no update (0: every step trains). The last DDIM
+    # step has the smallest std, so its log-ratio moves most per weight change.
+    skip_final_steps: int = checked(0, ge=0)
     # Clip range of the step ratio (tiny: log-probs are means over elements).
     clip_coef: float = checked(1e-4, gt=0)
     # Advantages are clipped to +- this.
@@ -169,6 +189,11 @@ class DDPO(PreferenceAlgorithm):
         traj = traj.select(*(k for k in traj if k != "images"))
         traj["advantages"] = adv
         return traj, {"train/advantage_abs": float(adv.abs().mean())}
+
+    def update(self, policy: Any, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
+               *args: Any, **kwargs: Any) -> dict[str, float]:
+        batch = without_final_steps(batch, int(self.cfg.get("skip_final_steps", 0)))
+        return super().update(policy, optimizer, batch, generator, *args, **kwargs)
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Without an adapter there is no base to compare with: kl_to_base is not measured.

@@ -204,6 +204,7 @@ class Run:
         self.cfg, self.run_dir, self.algo, self.collector = cfg, Path(run_dir), algo, collector
         # The env role is a different worker class, so it never fuses with policy roles.
         self.placement = Placement(PlacementSpec.from_config(cfg.placement), never_fuse={"env"})
+        say(self.run_dir, self.placement.describe())
         threads = cfg.trainer.torch_threads
         env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.policy_groups: list[WorkerGroup] = []

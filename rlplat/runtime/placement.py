@@ -25,6 +25,21 @@ from rlplat.registry import checked
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
+def _resources(index: int, bundle: Any) -> dict[str, float]:
+    """One device's resource mapping from placement.bundles, checked."""
+    if not isinstance(bundle, Mapping) or not bundle:
+        raise ValueError(f"placement.bundles[{index}] must be a resource mapping such as {{CPU: 4, GPU: 1}}, "
+                         f"got {bundle!r}")
+    out = {}
+    for key, value in bundle.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"placement.bundles[{index}].{key}={value!r}: an amount >= 0 (e.g. CPU: 4)")
+        out[str(key)] = float(value)
+    if not any(out.values()):
+        raise ValueError(f"placement.bundles[{index}] reserves nothing ({bundle!r}): give it CPUs or another resource")
+    return out
+
+
 def parse_devices(spec: str | int | Sequence[int]) -> list[int]:
     """Device indices of a spec: ``"0-1"`` -> [0, 1], ``"0,2-3"`` -> [0, 2, 3], ``1`` -> [1].
 
@@ -74,6 +89,15 @@ class PlacementConfig:
     gpus_per_device: float = checked(1.0, gt=0, le=1)
     # CPUs per bundle.
     cpus_per_device: float = checked(1.0, gt=0)
+    # Resources of each bundle, one mapping per device, for layouts across nodes: e.g.
+    # [{CPU: 8}, {CPU: 2, GPU: 1}] puts device 0 (the simulators) on a node with 8 free CPUs and
+    # device 1 (rollout, actor) on a GPU node; custom resources (`ray start --resources`) pin a
+    # bundle to the nodes that declare them. null: every bundle is cpus_per_device CPUs (and
+    # gpus_per_device of a GPU with use_gpu).
+    bundles: Any = None
+    # Ray's placement strategy for the bundles: PACK (as few nodes as fit), SPREAD, STRICT_PACK
+    # (one node), STRICT_SPREAD (one node each).
+    strategy: str = checked("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     # Role -> device spec ("0", "0-1", "0,2"); roles with equal specs share one worker group.
     roles: dict[str, str] = field(
         default_factory=lambda: {"env": "0", "rollout": "0", "actor": "0"}
@@ -102,6 +126,10 @@ class PlacementSpec:
     gpus_per_device: float = 1.0
     # Role -> device spec ("0", "0-1", "0,2").
     roles: dict[str, str] = field(default_factory=dict)
+    # Per-device resource mappings (None: uniform, from the fields above).
+    bundle_resources: list[dict[str, float]] | None = None
+    # Ray placement strategy.
+    strategy: str = "PACK"
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
@@ -110,6 +138,11 @@ class PlacementSpec:
             raise ValueError(f"placement cpus_per_device must be > 0, got {self.cpus_per_device}")
         if not 0 < self.gpus_per_device <= 1:
             raise ValueError(f"placement gpus_per_device must be in (0, 1], got {self.gpus_per_device}")
+        if self.bundle_resources is not None:
+            self.bundle_resources = [_resources(i, b) for i, b in enumerate(self.bundle_resources)]
+            if len(self.bundle_resources) != self.num_devices:
+                raise ValueError(f"placement.bundles has {len(self.bundle_resources)} entries but num_devices is "
+                                 f"{self.num_devices}: give one resource mapping per device")
         self.roles = dict(self.roles)
         self._devices = {}
         for role, spec in self.roles.items():
@@ -134,6 +167,8 @@ class PlacementSpec:
             cpus_per_device=float(get("cpus_per_device", 1.0)),
             gpus_per_device=float(get("gpus_per_device", 1.0)),
             roles={str(k): v for k, v in roles.items()},
+            bundle_resources=None if get("bundles", None) is None else [dict(b) for b in get("bundles")],
+            strategy=str(get("strategy", "PACK")),
         )
 
     def devices(self, role: str) -> list[int]:
@@ -170,6 +205,8 @@ class PlacementSpec:
 
     def bundles(self) -> list[dict[str, float]]:
         """Ray resource bundles, one per device."""
+        if self.bundle_resources is not None:
+            return [dict(b) for b in self.bundle_resources]
         bundle = {"CPU": float(self.cpus_per_device)}
         if self.use_gpu:
             bundle["GPU"] = float(self.gpus_per_device)
@@ -197,11 +234,14 @@ class Placement:
         self.spec = spec
         self.never_fuse = frozenset(never_fuse)
         bundles = spec.bundles()
-        needed = {k: sum(b[k] for b in bundles) for k in bundles[0]}
+        needed: dict[str, float] = {}
+        for bundle in bundles:
+            for key, value in bundle.items():
+                needed[key] = needed.get(key, 0.0) + value
         total = ray.cluster_resources()
         if any(total.get(k, 0.0) < v for k, v in needed.items()):
             raise RuntimeError(self._missing_message(needed, total, ray.available_resources()))
-        self.placement_group = placement_group(bundles, strategy="PACK")
+        self.placement_group = placement_group(bundles, strategy=spec.strategy)
         try:
             ray.get(self.placement_group.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -216,8 +256,7 @@ class Placement:
             return {k: resources.get(k, 0.0) for k in needed}
 
         return (
-            f"placement needs {needed} ({self.spec.num_devices} bundles of "
-            f"{self.spec.bundles()[0]}); the Ray cluster has {show(total)} in all, "
+            f"placement needs {needed} ({self._bundles_text()}); the Ray cluster has {show(total)} in all, "
             f"{show(available)} free. Lower placement.num_devices or placement.cpus_per_device, "
             "or give Ray more resources (cluster.num_cpus / cluster.num_gpus)"
         )
@@ -225,6 +264,35 @@ class Placement:
     def devices(self, role: str) -> list[int]:
         """Device (= bundle) indices of ``role``."""
         return self.spec.devices(role)
+
+    def _bundles_text(self) -> str:
+        bundles = self.spec.bundles()
+        if all(b == bundles[0] for b in bundles):
+            return f"{len(bundles)} bundles of {bundles[0]}"
+        return f"bundles {bundles}"
+
+    def actor_resources(self, device: int, share: float) -> dict[str, Any]:
+        """Ray actor options for a worker taking ``share`` of ``device``'s bundle."""
+        bundle = self.spec.bundles()[device]
+        options: dict[str, Any] = {"num_cpus": share * bundle.get("CPU", 0.0)}
+        if bundle.get("GPU", 0.0) > 0:
+            options["num_gpus"] = share * bundle["GPU"]
+        custom = {k: share * v for k, v in bundle.items() if k not in ("CPU", "GPU", "memory") and v > 0}
+        if custom:
+            options["resources"] = custom
+        return options
+
+    def describe(self) -> str:
+        """Where each device's bundle landed and which roles it holds, one line per device."""
+        from ray.util import placement_group_table
+
+        nodes = placement_group_table(self.placement_group).get("bundles_to_node_id", {})
+        lines = [f"placement ({self.spec.strategy}):"]
+        for device, bundle in enumerate(self.spec.bundles()):
+            roles = ", ".join(self.roles_on(device)) or "-"
+            amounts = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
+            lines.append(f"  device {device} ({amounts}) on node {str(nodes.get(device, '?'))[:12]}: {roles}")
+        return "\n".join(lines)
 
     def roles_on(self, device: int) -> list[str]:
         """Roles with a worker on ``device``."""

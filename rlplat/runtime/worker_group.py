@@ -173,22 +173,19 @@ class WorkerGroup:
                 "rename them"
             )
 
-        options: dict[str, Any] = {"num_cpus": share}
-        if placement is not None:
-            if placement.placement_group is None:
-                raise ValueError("the placement has been removed")
-            options["num_cpus"] = share * placement.spec.cpus_per_device
-            if placement.spec.use_gpu:
-                options["num_gpus"] = share * placement.spec.gpus_per_device
-        if env_vars:
-            options["runtime_env"] = {"env_vars": {k: str(v) for k, v in env_vars.items()}}
+        if placement is not None and placement.placement_group is None:
+            raise ValueError("the placement has been removed")
         actor_cls = ray.remote(worker_cls)
         self.workers = []
         for rank, device in enumerate(self.devices):
+            options: dict[str, Any] = {"num_cpus": share}
             if placement is not None:
+                options = placement.actor_resources(device, share)
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement.placement_group, placement_group_bundle_index=device
                 )
+            if env_vars:
+                options["runtime_env"] = {"env_vars": {k: str(v) for k, v in env_vars.items()}}
             self.workers.append(
                 actor_cls.options(**options).remote(
                     rank=rank, world_size=len(self.devices), **(init_kwargs or {})

@@ -45,6 +45,11 @@ def _train(*args: str, cwd) -> tuple[int, str, bool]:
     (["+trainer.keep_checkpoints=2"], ["trainer.keep_checkpoints was renamed to trainer.keep_last",
                                        "write trainer.keep_last=2"]),
     (["algo.clip_range=0.1"], None),  # PPO never had clip_range: Hydra refuses it as an unknown key
+    (["placement.bundles=[{CPU: 0}]"], ["placement.bundles[0] reserves nothing", "give it CPUs"]),
+    (["placement=disaggregated", "placement.bundles=[{CPU: 2}]"],
+     ["placement.bundles has 1 entries but num_devices is 2", "one resource mapping per device"]),
+    (["placement.roles.env=3"], ["placement role 'env' uses devices '3', but num_devices is 1"]),
+    (["placement.strategy=PAK"], ["placement.strategy=PAK must be one of PACK, SPREAD"]),
     (["resume=/nonexistent"], ["resume=/nonexistent: neither a checkpoint folder", "resume=false"]),
     (["resume=true"], ["resume=true continues this run dir", "has no intact checkpoint",
                        "hydra.run.dir=<that dir> resume=true"]),
