@@ -107,7 +107,11 @@ class VectorEnv(gymnasium.vector.VectorEnv, abc.ABC):
         single_action_space: ``spaces.Box`` of one sub-env's action.
         observation_space: The batched observation space.
         action_space: The batched action space.
+        control_hz: Steps per second of the system the env models (episode videos play at this
+            rate); None when it has none (videos then play at 10 fps).
     """
+
+    control_hz: float | None = None
 
     # SAME_STEP: the obs returned by step() already starts the next episode on rows that
     # ended; the terminal obs lives in info["final_obs"]. This avoids the "dead" step of

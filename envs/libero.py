@@ -227,6 +227,9 @@ class LiberoEnv(SimVectorEnv):
     **Rewards:** 1 on the success step, else 0.
     """
 
+    # LIBERO's robosuite controllers run at 20 Hz (control_freq).
+    control_hz = 20.0
+
     def __init__(
         self,
         *,

@@ -413,6 +413,9 @@ class ManiSkillEnv(SimVectorEnv):
     (dense scaled to [0, 1] per step).
     """
 
+    # ManiSkill3's tabletop tasks control at 20 Hz (control_freq; the simulation runs at 100).
+    control_hz = 20.0
+
     def __init__(
         self,
         *,

@@ -209,23 +209,66 @@ def plot_learning_curve(
     return out_png
 
 
-def save_video(frames: Sequence[np.ndarray], path: Path, fps: int = 10, min_size: int = 256) -> Path:
-    """Writes uint8 HxWx3 frames as a GIF (or MP4 if the suffix says so and ffmpeg exists).
+def save_video(frames: Sequence[np.ndarray], path: Path, fps: float = 10, min_size: int = 256) -> Path:
+    """Writes uint8 HxWx3 frames as a GIF or an MP4 (by the suffix; MP4 through imageio-ffmpeg)
+    playing at ``fps``.
 
     Small frames are upscaled (nearest neighbour) to at least ``min_size`` pixels so a 64x64
     sim image stays viewable.
     """
-    import imageio.v2 as imageio
+    import imageio.v3 as iio
 
-    scale = max(1, min_size // max(1, frames[0].shape[0])) if len(frames) else 1
-    if scale > 1:
-        frames = [np.repeat(np.repeat(f, scale, axis=0), scale, axis=1) for f in frames]
+    frames = [_upscale(f, min_size) for f in frames]
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":
-        imageio.mimsave(path, list(frames), duration=1.0 / fps, loop=0)
+        # Pillow's GIF writer takes the frame time in milliseconds (GIFs store hundredths).
+        iio.imwrite(path, np.stack(frames), duration=1000.0 / fps, loop=0)
     else:
-        imageio.mimsave(path, list(frames), fps=fps)
+        import imageio.v2 as imageio
+
+        # H.264 through imageio-ffmpeg's bundled ffmpeg; even sides for its 4:2:0 chroma.
+        with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1) as writer:
+            for frame in frames:
+                writer.append_data(frame[: frame.shape[0] // 2 * 2, : frame.shape[1] // 2 * 2])
     return path
+
+
+def _upscale(frame: np.ndarray, min_size: int) -> np.ndarray:
+    scale = max(1, min_size // max(1, frame.shape[0]))
+    return np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1) if scale > 1 else frame
+
+
+def annotate_episode(frames: Sequence[np.ndarray], instruction: str | None, success: Sequence[bool],
+                     min_size: int = 256) -> list[np.ndarray]:
+    """Frames of one episode with what a viewer needs drawn in: the instruction on a bar above,
+    the step counter below, and from the first successful step on a green frame and "success".
+
+    ``success[i]`` is whether the task was solved at frame i (frame 0 is the reset)."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    solved = False
+    total = len(frames) - 1
+    for i, frame in enumerate(frames):
+        if i < len(success) and success[i]:
+            solved = True
+        tile = Image.fromarray(_upscale(np.asarray(frame, np.uint8), min_size))
+        width, height = tile.size
+        canvas = Image.new("RGB", (width, height + 32), (255, 255, 255))
+        canvas.paste(tile, (0, 16))
+        draw = ImageDraw.Draw(canvas)
+        text = instruction or ""
+        while text and draw.textlength(text) > width - 4:
+            text = text[:-1]
+        draw.text((2, 2), text, fill=(0, 0, 0))
+        draw.text((2, height + 18), f"step {i}/{total}", fill=(0, 0, 0))
+        if solved:
+            draw.rectangle([0, 16, width - 1, height + 15], outline=(0, 170, 0), width=4)
+            label = "success"
+            draw.text((width - draw.textlength(label) - 4, height + 18), label, fill=(0, 140, 0))
+        out.append(np.asarray(canvas))
+    return out
 
 
 def save_image_grid(

@@ -87,3 +87,34 @@ def test_image_grid_tiles_and_captions(tmp_path):
 
     with pytest.raises(ValueError, match="5 images but 1 captions"):
         save_image_grid(images, tmp_path / "x.png", captions=["a"])
+
+
+def test_videos_play_at_the_given_rate_as_gif_and_mp4(tmp_path):
+    import imageio.v3 as iio
+    from PIL import Image
+
+    frames = [np.full((32, 32, 3), i * 40, np.uint8) for i in range(6)]
+    gif = save_video(frames, tmp_path / "ep.gif", fps=20)
+    with Image.open(gif) as image:
+        assert image.n_frames == 6 and image.info["duration"] == 50  # ms per frame: 20 fps
+        assert image.size == (256, 256)  # upscaled from 32
+    mp4 = save_video(frames, tmp_path / "ep.mp4", fps=20)
+    assert iio.immeta(mp4, plugin="FFMPEG")["fps"] == 20.0
+    assert len(list(iio.imiter(mp4, plugin="FFMPEG"))) == 6
+
+
+def test_annotated_episode_marks_success_from_its_first_step_and_counts_steps():
+    from rlplat.logging import annotate_episode
+
+    frames = [np.full((32, 32, 3), 128, np.uint8) for _ in range(4)]
+    out = annotate_episode(frames, "reach the red square", [False, False, True, True])
+    assert len(out) == 4 and out[0].shape == (256 + 32, 256, 3)
+    green = np.array([0, 170, 0], np.uint8)
+
+    def framed(img):  # the 4-pixel border around the picture
+        return bool((img[16:16 + 256, 0] == green).all())
+
+    assert [framed(img) for img in out] == [False, False, True, True]
+    # The header carries the instruction (dark pixels), the footer a counter that changes each step.
+    assert (out[0][:16] < 100).any()
+    assert not np.array_equal(out[0][-14:], out[1][-14:])

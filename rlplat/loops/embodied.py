@@ -9,6 +9,7 @@ state lives in Ray worker groups (env shards, the policy for rollout, the policy
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import checkpoint, registry
 from rlplat.algos.base import Algorithm
 from rlplat.batch import Batch
-from rlplat.logging import METRICS_FILE, plot_learning_curve, save_video, say
+from rlplat.logging import METRICS_FILE, annotate_episode, plot_learning_curve, save_video, say
 from rlplat.loops.skeleton import Collector, PolicyWorkers, Run
 from rlplat.policies.base import compute_stats
 from rlplat.runtime.placement import Placement, parse_devices
@@ -31,6 +32,20 @@ from rlplat.workers.env import EPISODE_KEYS, EnvStages, EnvWorker, final_values
 from rlplat.workers.policy import PolicyWorker
 
 log = logging.getLogger(__name__)
+
+
+#: Episodes of the first evaluation round recorded for the final videos (one success and one
+#: failure among them are kept).
+VIDEO_EPISODES = 4
+
+
+def _instruction(obs: Batch, i: int) -> str | None:
+    """Env ``i``'s instruction in a batch of observations (None: the env gives none)."""
+    if "instruction" not in obs:
+        return None
+    value = obs["instruction"]
+    items = value.tolist() if hasattr(value, "tolist") else list(value)
+    return str(items[i])
 
 
 def check_config(cfg: DictConfig, max_episode_steps: int | None = None) -> Algorithm:
@@ -256,8 +271,11 @@ class EnvCollector(Collector):
     def evaluate(self, step: int = 0, last: bool = False, video_path: Path | None = None) -> dict[str, float]:
         """Deterministic policy on ``trainer.eval_episodes`` fixed-seed episodes.
 
-        The final evaluation (``last``) saves an episode GIF unless ``trainer.save_video=false``;
-        ``video_path`` asks for one at any evaluation.
+        The final evaluation (``last``) saves episode videos unless ``trainer.save_video=false``
+        (``video_path`` asks for them at any evaluation): the first round's first
+        ``VIDEO_EPISODES`` episodes are recorded, and one that succeeded and one that failed are
+        kept when both exist (``episode_success`` / ``episode_failure``, GIF and MP4, playing at
+        the env's control rate), the successful one also as ``episode.gif``.
 
         The episodes run in rounds of ``eval_num_envs`` (one episode per eval env per round);
         every episode is fixed by its seed, so the result does not depend on the round size.
@@ -304,7 +322,10 @@ class EnvCollector(Collector):
         ended[n:] = True
         once, at_end, returns = torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.zeros(n)
         lengths = torch.full((n,), float(self.max_episode_steps))
-        frames = [self.envs.render(split="eval", index=0)] if video_path else []
+        recorded = min(VIDEO_EPISODES, n, self.spec.get("eval_envs", 1)) if video_path else 0
+        frames = [[self.envs.render(split="eval", index=i)] for i in range(recorded)]
+        solved = [[False] for _ in range(recorded)]
+        instructions = [_instruction(obs, i) for i in range(recorded)]
         for _ in range(self.max_episode_steps):
             out = self.rollout.act(obs, deterministic=True)
             result = self.envs.step(out.select("actions"), split="eval")
@@ -314,16 +335,37 @@ class EnvCollector(Collector):
             at_end[new] = success[new].float()
             returns[new] = result["episode_return"][:n][new]
             lengths[new] = result["episode_length"][:n][new].float()
-            # Env 0 auto-resets when its episode ends, so the video stops at the step before.
-            if video_path and not (ended[0] or new[0]):
-                frames.append(self.envs.render(split="eval", index=0))
+            # An env auto-resets when its episode ends: its video ends with the step before, marked
+            # with how the episode ended.
+            for i in range(recorded):
+                if not ended[i]:
+                    solved[i][-1] = solved[i][-1] or bool(success[i])
+                    if not new[i]:
+                        frames[i].append(self.envs.render(split="eval", index=i))
+                        solved[i].append(bool(success[i]))
             ended[:n] |= new
             obs = result.select(*self.obs_keys)
             if ended.all():
                 break
-        if video_path and frames:
-            save_video(frames, video_path)
+        if recorded:
+            self._save_episodes(video_path, frames, solved, instructions, once[:recorded])
         return once.float(), at_end, returns, lengths, tasks
+
+    def _save_episodes(self, video_path: Path, frames: list, solved: list, instructions: list,
+                       once: torch.Tensor) -> None:
+        """One successful and one failed recorded episode (those that exist), GIF + MP4."""
+        fps = self.spec.get("control_hz") or 10.0
+        for kind, pick in (("success", True), ("failure", False)):
+            i = next((j for j in range(len(frames)) if bool(once[j]) == pick), None)
+            if i is None:
+                continue
+            annotated = annotate_episode(frames[i], instructions[i], solved[i])
+            for suffix in (".gif", ".mp4"):
+                save_video(annotated, video_path.with_name(f"{video_path.stem}_{kind}{suffix}"), fps=fps)
+        shown = next((video_path.with_name(f"{video_path.stem}_{kind}.gif") for kind in ("success", "failure")
+                      if video_path.with_name(f"{video_path.stem}_{kind}.gif").exists()), None)
+        if shown is not None:
+            shutil.copyfile(shown, video_path)
 
     # ------------------------------------------------------------------ set-up
     def build(self, placement: Placement, env_vars: dict[str, str]) -> None:
@@ -379,8 +421,10 @@ class EnvCollector(Collector):
         plot = plot_learning_curve(self.run_dir / METRICS_FILE, self._media("learning_curve.png"))
         say(self.run_dir, f"final eval success rate: {metrics.get('eval/success_rate', float('nan')):.3f}")
         say(self.run_dir, f"learning curve: {plot}")
-        if (video := self._media("episode.gif")).exists():
-            say(self.run_dir, f"episode video: {video}")
+        videos = [self._media(f"episode_{kind}.mp4") for kind in ("success", "failure")]
+        if any(v.exists() for v in videos):
+            say(self.run_dir, "episode videos: " + ", ".join(str(v) for v in videos if v.exists())
+                + " (and .gif; episode.gif shows the successful one when there is one)")
         say(self.run_dir, f"run dir: {self.run_dir}")
 
 

@@ -112,6 +112,9 @@ class EnvWorker(Worker):
             "observation_space": env.single_observation_space,
             "action_space": env.single_action_space,
             "max_episode_steps": env.max_episode_steps,
+            # Episode videos: the rate to play them at, and how many eval envs render() reaches.
+            "control_hz": env.control_hz,
+            "eval_envs": self.envs["eval"].num_envs,
         }
 
     @register(Dispatch.SHARD_BY_BATCH)

@@ -48,6 +48,9 @@ def test_colocated_run_writes_metrics_checkpoints_and_media(ray_local, tmp_path)
     assert (tmp_path / "checkpoints/step_3/policy/model.safetensors").exists()
     assert (tmp_path / "media/learning_curve.png").stat().st_size > 1000
     assert (tmp_path / "media/episode.gif").stat().st_size > 0
+    # The final evaluation keeps a failed and/or a successful episode, as GIF and MP4.
+    kept = sorted(p.name for p in (tmp_path / "media").glob("episode_*"))
+    assert kept and all(f"{p.rsplit('.', 1)[0]}.mp4" in kept for p in kept), kept
 
 
 def test_disaggregated_placement_with_separate_rollout_group_syncs_weights(ray_local, tmp_path):
