@@ -271,3 +271,14 @@ def test_footprint_bench_measures_the_process_tree_of_a_toy_run(tmp_path: Path, 
     assert row["tree_peak_mib"] > row["controller_peak_mib"] > 50
     assert row["controller_heavy_modules"] == "[]"
     assert 0 < row["startup_s"] < row["wall_s"]
+
+
+def test_sweep_bench_runs_a_sweep_and_reports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "sweep.json"
+    run_main(load_script("sweep"), ["--launchers", "basic", "--lrs", "3e-4", "--seeds", "0", "1", "--steps", "1",
+                                    "--out", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    (basic,) = result["runs"]
+    assert basic["launcher"] == "basic" and basic["jobs"] == 2 and basic["wall_s"] > 0
+    (row,) = basic["table"]
+    assert row["seeds"] == 2 and row["not finished"] == 0 and 0.0 <= row["final mean"] <= 1.0

@@ -282,3 +282,18 @@ def test_jpeg_run_logs_side_metrics_and_stop_when_ends_it_with_a_checkpoint(ray_
     rows = read_metrics(tmp_path / "wall/metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1] and "eval/reward" in rows[1]
     assert (tmp_path / "wall/checkpoints/step_1").is_dir()
+
+
+@pytest.mark.parametrize("experiment", ["d3po_tiny_jpeg_long", "ddpo_tiny_jpeg_long", "d3po_tiny_shapes_early",
+                                        "ddpo_tiny_shapes_early"])
+def test_long_bench_presets_compose_and_pass_the_checks(experiment):
+    from pathlib import Path
+
+    cfg = compose([f"experiment={experiment}"])
+    jpeg = "jpeg" in experiment
+    assert cfg.preference.score._target_.endswith("JpegCompressibility" if jpeg else "ShapesFidelity")
+    assert Path(cfg.policy.path).name == ("shapes_base" if jpeg else "shapes_early")
+    assert cfg.trainer.torch_threads == 1 and cfg.trainer.eval_at_start
+    check_preference_config(cfg)  # the batch arithmetic and trainer.stop_when's metric names
+    if jpeg:  # the JPEG shortcut (drawing nothing) is stopped by the fidelity floor
+        assert cfg.trainer.stop_when == "eval/fidelity<0.8"
