@@ -71,9 +71,14 @@ class RunRecord:
             return f"unfinished: last step {self.last_step} of {self.total_steps}"
         return "finished"
 
+    @property
+    def x_key(self) -> str:
+        """The run's progress axis: env steps, samples or pairs (else the iteration)."""
+        return next((k for k in PROGRESS_KEYS if any(k in r for r in self.rows)), "step")
+
     def curve(self, metric: str) -> list[tuple[float, float]]:
         """(progress, value) of every row that logged ``metric``."""
-        x_key = next((k for k in PROGRESS_KEYS if any(k in r for r in self.rows)), "step")
+        x_key = self.x_key
         return [(float(r.get(x_key, r["step"])), float(r[metric])) for r in self.rows if r.get(metric) is not None]
 
     def progress(self) -> float:
@@ -250,6 +255,7 @@ def plot_groups(groups: Sequence[Group], metric: str, out_png: Path) -> Path:
             ax.legend(fontsize=8)
         ax.set_title(group.label if len(group.label) <= 60 else group.label[:57] + "...", fontsize=9)
         ax.set_ylabel(metric)
+        ax.set_xlabel(group.runs[0].x_key.replace("_", " "))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")

@@ -40,9 +40,9 @@ GRID_IMAGES = 32
 
 #: What ``OnlinePreferenceCollector.evaluate`` can log beside the reward (``trainer.stop_when`` may name them).
 SIDE_METRICS = ("eval/fidelity", "eval/diversity")
-#: Everything a text-to-image run logs that ``trainer.stop_when`` may watch: the evaluation's metrics
-#: and the algorithms' log-ratio to the base (``train/kl_to_base``: D3PO with the adapter reference,
-#: DDPO with ``algo.kl_to_base_rows`` > 0).
+#: What a text-to-image run logs that ``trainer.stop_when`` may watch (besides the algorithm's
+#: ``train/`` metrics): the evaluation's metrics, the log-ratio to the base (``train/kl_to_base``:
+#: D3PO with the adapter reference, DDPO with ``algo.kl_to_base_rows`` > 0), progress and wall time.
 STOPPABLE_METRICS = ("eval/reward", "eval/reward_std", "eval/win_rate_vs_base", *SIDE_METRICS, "train/kl_to_base",
                      "reward/mean", ELAPSED, "perf/iteration_s", "samples", "pairs")
 
@@ -138,9 +138,11 @@ def check_stop_when(cfg: DictConfig, prompt_set: Any = None) -> None:
     shapes captions among the held-out prompts); raises ValueError naming the key."""
     text = OmegaConf.select(cfg, "trainer.stop_when", default=None)
     for condition in parse_stop_when(text):
-        if condition.metric not in STOPPABLE_METRICS:
+        # The algorithm's own train/ metrics differ between algorithms: a missing one is warned about
+        # at the first evaluation (``Run``); everything else must be a metric this loop logs.
+        if condition.metric not in STOPPABLE_METRICS and not condition.metric.startswith("train/"):
             raise ValueError(f"trainer.stop_when={text!r} watches {condition.metric!r}, which text-to-image runs do not "
-                             f"log: name one of {', '.join(STOPPABLE_METRICS)}")
+                             f"log: name one of {', '.join(STOPPABLE_METRICS)} or a train/ metric of the algorithm")
         if condition.metric == "eval/fidelity" and prompt_set is not None and not shapes_captions(
                 prompt_set.eval_prompts):
             raise ValueError(f"trainer.stop_when={text!r} watches eval/fidelity, the shapes-world score, but the "

@@ -159,12 +159,15 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     budget_s = 3.0
     argv = ["--budget-min", str(budget_s / 60), "--eval-every", "1", "--algos", "ddpo", "--rewards",
             "jpeg_compressibility", "--seeds", "0", "--eval-images", "28", "--set", "policy.num_steps=2",
-            "algo.batch_size=2", "algo.group_size=2", "algo.num_minibatches=1", "--out", str(out)]
+            "algo.batch_size=2", "algo.group_size=2", "algo.num_minibatches=1",
+            "trainer.stop_when=null",  # the preset's fidelity floor would stop the 2-step sampler at once
+            "--out", str(out)]
     run_main(load_script("learning_diffusion"), argv, monkeypatch)
     result = json.loads(out.read_text())
     (row,) = result["runs"]
     curve = row["curve"]
     assert result["mode"] == "long" and row["preset"] == "ddpo_tiny_jpeg_long"
+    assert row["stop_when"] == "perf/elapsed_s>=3" and "trainer.stop_when perf/elapsed_s>=3 holds" in row["stopped"]
     # Evaluated at step 0 and after every iteration until the budget ran out; then the run stopped.
     assert [p["step"] for p in curve] == list(range(len(curve))) and row["iterations"] == curve[-1]["step"] >= 1
     assert curve[-1]["perf/elapsed_s"] >= budget_s and all(p["perf/elapsed_s"] < budget_s for p in curve[1:-1])

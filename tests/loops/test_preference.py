@@ -297,3 +297,16 @@ def test_long_bench_presets_compose_and_pass_the_checks(experiment):
     check_preference_config(cfg)  # the batch arithmetic and trainer.stop_when's metric names
     if jpeg:  # the JPEG shortcut (drawing nothing) is stopped by the fidelity floor
         assert cfg.trainer.stop_when == "eval/fidelity<0.8"
+
+
+def test_stop_when_on_fidelity_needs_shapes_captions_and_train_metrics_pass():
+    from types import SimpleNamespace
+
+    from rlplat.loops.preference import check_stop_when
+
+    cfg = compose([*TINY, "preference=jpeg_compressibility", "algo=ddpo", "trainer.stop_when='eval/fidelity<0.8'"])
+    check_stop_when(cfg, SimpleNamespace(eval_prompts=["two blue squares"]))
+    with pytest.raises(ValueError, match=r"trainer.stop_when='eval/fidelity<0.8' watches eval/fidelity.*'a photo of a cat'"):
+        check_stop_when(cfg, SimpleNamespace(eval_prompts=["a photo of a cat"]))
+    cfg.trainer.stop_when = "train/loss>10 or perf/elapsed_s>60"  # an algorithm's own train/ metric is accepted
+    check_stop_when(cfg, None)
