@@ -22,6 +22,7 @@ LOG_FILE = "train.log"
 def say(run_dir: str | Path, text: str) -> None:
     """Prints ``text`` and appends it to the run dir's log file."""
     print(text, flush=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     with (Path(run_dir) / LOG_FILE).open("a") as f:
         f.write(text + "\n")
 

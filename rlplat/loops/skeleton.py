@@ -204,7 +204,6 @@ class Run:
         self.cfg, self.run_dir, self.algo, self.collector = cfg, Path(run_dir), algo, collector
         # The env role is a different worker class, so it never fuses with policy roles.
         self.placement = Placement(PlacementSpec.from_config(cfg.placement), never_fuse={"env"})
-        say(self.run_dir, self.placement.describe())
         threads = cfg.trainer.torch_threads
         env_vars = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.policy_groups: list[WorkerGroup] = []
@@ -214,6 +213,7 @@ class Run:
         # (``validate``); None: ``restore_or_reset`` resolves ``cfg.resume`` itself.
         self.resume_from: Path | None = None
         try:
+            say(self.run_dir, self.placement.describe())
             collector.build(self.placement, env_vars)
             self._build_policy_groups(collector.policy_workers(), env_vars)
         except BaseException:
@@ -263,7 +263,8 @@ class Run:
                     if met is not None and not evaluated:  # e.g. the wall-clock budget: end on an evaluation
                         metrics |= collector.evaluate(step, last=True)
                     logger.log(step, metrics)
-                    if last or stop.signum or met is not None or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    periodic = bool(tc.checkpoint_every and step % tc.checkpoint_every == 0)
+                    if last or stop.signum or met is not None or periodic:
                         self.save_checkpoint(step)
                     if met is not None:
                         say(self.run_dir, f"stopped after step {step} of {tc.total_steps}: trainer.stop_when "
