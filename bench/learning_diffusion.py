@@ -89,6 +89,18 @@ def long_curve(run_dir: Path) -> list[dict[str, float]]:
             for r in read_metrics(run_dir / METRICS_FILE) if r.get("eval/reward") is not None]
 
 
+# Training metrics averaged over a long run's iterations (what the update saw; absent keys skipped).
+TRAIN_KEYS = ("train/loss", "train/clipfrac", "train/approx_kl", "train/implicit_acc", "train/kl_to_base",
+              "pairs/kept_fraction", "perf/iteration_s")
+
+
+def train_summary(run_dir: Path) -> dict[str, float]:
+    """Mean of each ``TRAIN_KEYS`` metric over the run's iterations."""
+    rows = [r for r in read_metrics(run_dir / METRICS_FILE) if r["step"] > 0]
+    return {f"mean_{key}": float(np.mean([r[key] for r in rows if key in r]))
+            for key in TRAIN_KEYS if any(key in r for r in rows)}
+
+
 def reached(curve: list[dict[str, float]], reward: str) -> dict[str, Any]:
     """The first evaluation that meets the cell's target (and, on JPEG, keeps fidelity >= the floor)."""
     target = TARGETS[reward]
@@ -177,14 +189,15 @@ def main_long(args: argparse.Namespace) -> None:
                       "stopped": next((line for line in log_lines if "trainer.stop_when" in line), None),
                       "iterations": curve[-1]["step"], "before": curve[0], "final": curve[-1],
                       "best_reward": max(curve[1:] or curve, key=lambda r: r["eval/reward"]),
-                      "reached": reached(curve, reward), "grids": keep_grids(run_dir, curve, grids, name),
+                      "reached": reached(curve, reward), "train_means": train_summary(run_dir),
+                      "grids": keep_grids(run_dir, curve, grids, name),
                       "curve": curve, "run_dir": str(run_dir)}
             runs.append(result)
             final = result["final"]
+            fidelity = [row.get("eval/fidelity", float("nan")) for row in (curve[0], final)]
             print(f"{algo} {reward} ({result['preset']}): {curve[0]['eval/reward']:.4f} -> {final['eval/reward']:.4f} "
                   f"in {final.get('perf/elapsed_s', 0) / 60:.1f} min, {result['iterations']} iterations, fidelity "
-                  f"{curve[0].get('eval/fidelity', float('nan')):.3f} -> {final.get('eval/fidelity', float('nan')):.3f}; "
-                  f"target {result['reached']}", flush=True)
+                  f"{fidelity[0]:.3f} -> {fidelity[1]:.3f}; target {result['reached']}", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
             # Written after every cell, so a long session keeps what finished.
@@ -211,7 +224,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=64)
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run (e.g. algo.optim.lr=1e-3)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="JSON to write (default: learning_diffusion.json; long mode: learning_diffusion_long.json)")
+                        help="JSON to write (default: learning_diffusion.json; long: learning_diffusion_long.json)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="long mode: wall-clock minutes per cell (one seed: the first of --seeds)")
     parser.add_argument("--eval-every", type=int, default=10, help="long mode: iterations between evaluations")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rlplat.envs.preference.pickapic import DOWNLOAD_HINT, PickAPicSource, split_captions, split_files
+from rlplat.envs.preference.shapes import prompt_fidelity
 from rlplat.registry import checked, register
 
 
@@ -110,6 +111,10 @@ class PreferencePairs:
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray | None:
         """float32 [B] scores of uint8 images for their prompts, or None without a score."""
         return None if self.scorer is None else self.scorer(images, prompts)
+
+    def fidelity(self, images: np.ndarray, prompts: list[str]) -> np.ndarray | None:
+        """Shapes-world prompt fidelity when the captions are shapes captions, else None."""
+        return prompt_fidelity(images, prompts)
 
     def state_dict(self) -> dict[str, Any]:
         return self.pairs.state_dict()

@@ -37,12 +37,19 @@ class PromptSet:
 
     #: Whether ``demonstrations`` gives captioned images.
     has_demonstrations: ClassVar[bool] = False
+    #: Whether ``fidelity`` scores what the images show against their prompts.
+    has_fidelity: ClassVar[bool] = False
 
     def __init__(self, train: Sequence[str], eval: Sequence[str] | None = None) -> None:
         if not train:
             raise ValueError("preference.prompts.train is empty: give at least one prompt")
         self.train_prompts = list(train)
         self.eval_prompts = list(eval) if eval else list(train)
+
+    def fidelity(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
+        """Prompt fidelity [B] in [0, 1] of uint8 images for their prompts, a side metric whatever
+        the reward (the shapes world has one); None: this prompt set has no such score."""
+        return None
 
     def demonstrations(self, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
         """``n`` (image, caption) pairs for supervised training; a plain prompt list has none."""
@@ -103,6 +110,10 @@ class OnlinePreferences:
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """float32 [B] scores of uint8 images [B, H, W, 3] for their prompts."""
         return self.scorer(images, prompts)
+
+    def fidelity(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
+        """The prompt set's fidelity side metric (``PromptSet.fidelity``), or None."""
+        return self.prompts.fidelity(images, prompts)
 
     def labels(self, scores_a: np.ndarray, scores_b: np.ndarray, rng: np.random.Generator
                ) -> tuple[np.ndarray, np.ndarray]:

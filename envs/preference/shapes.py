@@ -227,6 +227,25 @@ class ShapesFidelity(ScoreSource):
         return np.asarray(out, np.float32)
 
 
+def shapes_captions(prompts: Sequence[str]) -> bool:
+    """Whether every prompt is a caption of the shapes world (so the shapes score applies)."""
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def prompt_fidelity(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
+    """Shapes-world prompt fidelity [B] in [0, 1] of uint8 images [B, H, W, 3] for their captions,
+    whatever the run's reward (whether a JPEG-tuned model still draws what it is asked for); None
+    when a caption is outside the shapes world (e.g. Pick-a-Pic prompts), which has no such score."""
+    if not shapes_captions(prompts):
+        return None
+    return np.asarray(ShapesFidelity()(images, prompts), np.float64)
+
+
 class ShapesPrompts(PromptSet):
     """The shapes world as a prompt set: the fixed train / held-out split, and rendered demonstrations.
 
@@ -238,12 +257,17 @@ class ShapesPrompts(PromptSet):
     """
 
     has_demonstrations = True
+    has_fidelity = True
 
     def __init__(self, heldout_fraction: float = 0.25, split_seed: int = 0, image_size: int = 32,
                  background_prob: float = 0.5) -> None:
         super().__init__(*prompt_split(heldout_fraction, split_seed))
         self.image_size = int(image_size)
         self.background_prob = float(background_prob)
+
+    def fidelity(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
+        """Shapes-world prompt fidelity of the images (``prompt_fidelity``)."""
+        return prompt_fidelity(images, prompts)
 
     def demonstrations(self, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
         """``n`` rendered (image, caption) pairs over every spec of the world (``sample_dataset``).

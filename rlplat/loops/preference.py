@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from rlplat import registry
 from rlplat.algos.base import PreferenceAlgorithm
 from rlplat.batch import Batch
-from rlplat.envs.preference.shapes import ShapesFidelity, parse_caption
 from rlplat.logging import METRICS_FILE, Panel, plot_learning_curve, save_image_grid, say
 from rlplat.loops.skeleton import ELAPSED, Collector, PolicyWorkers, Run, parse_stop_when
 from rlplat.runtime.placement import PlacementSpec
@@ -45,25 +44,6 @@ SIDE_METRICS = ("eval/fidelity", "eval/diversity")
 #: D3PO with the adapter reference, DDPO with ``algo.kl_to_base_rows`` > 0), progress and wall time.
 STOPPABLE_METRICS = ("eval/reward", "eval/reward_std", "eval/win_rate_vs_base", *SIDE_METRICS, "train/kl_to_base",
                      "reward/mean", ELAPSED, "perf/iteration_s", "samples", "pairs")
-
-
-def shapes_captions(prompts: Sequence[str]) -> bool:
-    """Whether every prompt is a caption of the shapes world (so the shapes score applies)."""
-    try:
-        for prompt in prompts:
-            parse_caption(prompt)
-    except ValueError:
-        return False
-    return True
-
-
-def prompt_fidelity(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray | None:
-    """Shapes-world prompt fidelity [B] in [0, 1] of uint8 images [B, H, W, 3] for their captions,
-    whatever the run's reward (whether a JPEG-tuned model still draws what it is asked for); None
-    when a caption is outside the shapes world (e.g. Pick-a-Pic prompts), which has no such score."""
-    if not shapes_captions(prompts):
-        return None
-    return np.asarray(ShapesFidelity()(images, prompts), np.float64)
 
 
 def image_diversity(images: np.ndarray, prompts: Sequence[str]) -> float:
@@ -141,13 +121,14 @@ def check_stop_when(cfg: DictConfig, prompt_set: Any = None) -> None:
         # The algorithm's own train/ metrics differ between algorithms: a missing one is warned about
         # at the first evaluation (``Run``); everything else must be a metric this loop logs.
         if condition.metric not in STOPPABLE_METRICS and not condition.metric.startswith("train/"):
-            raise ValueError(f"trainer.stop_when={text!r} watches {condition.metric!r}, which text-to-image runs do not "
-                             f"log: name one of {', '.join(STOPPABLE_METRICS)} or a train/ metric of the algorithm")
-        if condition.metric == "eval/fidelity" and prompt_set is not None and not shapes_captions(
-                prompt_set.eval_prompts):
-            raise ValueError(f"trainer.stop_when={text!r} watches eval/fidelity, the shapes-world score, but the "
-                             f"held-out prompts of preference={cfg.preference._target_} are not shapes captions "
-                             f"({prompt_set.eval_prompts[0]!r}): watch eval/reward instead")
+            raise ValueError(f"trainer.stop_when={text!r} watches {condition.metric!r}, which text-to-image runs "
+                             f"do not log: name one of {', '.join(STOPPABLE_METRICS)} or a train/ metric of the "
+                             f"algorithm")
+        if condition.metric == "eval/fidelity" and prompt_set is not None and not prompt_set.has_fidelity:
+            raise ValueError(f"trainer.stop_when={text!r} watches eval/fidelity, but the prompt set of "
+                             f"preference={cfg.preference._target_} ({type(prompt_set).__name__}, held-out prompts "
+                             f"like {prompt_set.eval_prompts[0]!r}) has no fidelity score (the shapes world's "
+                             f"ShapesPrompts has one): watch eval/reward instead")
 
 
 class OnlinePreferenceCollector(Collector):
@@ -229,11 +210,11 @@ class OnlinePreferenceCollector(Collector):
         """Scores ``trainer.eval_episodes`` images of the held-out prompts, same seeds every time.
 
         Beside the reward: ``eval/fidelity`` (the shapes score of the same images, on any reward,
-        when the captions are shapes captions: ``prompt_fidelity``), ``eval/diversity`` (how far
+        from the prompt set, e.g. the shapes world's: ``PromptSet.fidelity``), ``eval/diversity`` (how far
         apart the images of one caption are across seeds: ``image_diversity``) and the win rate
-        over the untuned model's images. The prompts cycle through ``eval_prompts``; noise and step seeds derive from ``seed`` only,
-        so the grids of two evaluations (and of two runs with the same seed) differ only by the
-        weights. Saves ``media/eval_step_<N>.png`` (the first 32 images, captioned).
+        over the untuned model's images. The prompts cycle through ``eval_prompts``; noise and step
+        seeds derive from ``seed`` only, so the grids of two evaluations (and of two runs with the
+        same seed) differ only by the weights. Saves ``media/eval_step_<N>.png`` (the first 32 images, captioned).
         """
         n = int(self.cfg.trainer.eval_episodes)
         prompts = [self.source.eval_prompts[i % len(self.source.eval_prompts)] for i in range(n)]
@@ -254,7 +235,7 @@ class OnlinePreferenceCollector(Collector):
         diversity = image_diversity(images, prompts)
         if np.isfinite(diversity):  # not when every caption has one image
             metrics["eval/diversity"] = diversity
-        fidelity = prompt_fidelity(images, prompts)
+        fidelity = self.source.fidelity(images, prompts)
         if fidelity is not None:
             metrics["eval/fidelity"] = float(fidelity.mean())
         if self.base_scores is not None and len(self.base_scores) == len(scores):

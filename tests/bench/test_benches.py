@@ -178,7 +178,8 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     assert row["before"] == curve[0] and row["final"] == curve[-1] and row["reached"]["target"] == -0.91
     assert row["reached"]["met"] == any(p["eval/reward"] >= -0.91 and p["eval/fidelity"] >= 0.8 for p in curve)
     grids = tmp_path / "long_grids"
-    assert sorted(f.name for f in grids.iterdir()) == [f"ddpo_jpeg_compressibility_{s:03d}pct.png" for s in (0, 25, 50, 100)]
+    names = [f"ddpo_jpeg_compressibility_{share:03d}pct.png" for share in (0, 25, 50, 100)]
+    assert sorted(f.name for f in grids.iterdir()) == names
     assert "step 0," in row["grids"]["0%"] and f"step {row['iterations']}," in row["grids"]["100%"]
     assert out.with_suffix(".png").stat().st_size > 1000
 

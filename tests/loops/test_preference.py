@@ -222,8 +222,7 @@ def test_image_diversity_is_the_mean_pairwise_pixel_distance_within_a_caption():
 
 
 def test_prompt_fidelity_scores_shapes_captions_only():
-    from rlplat.envs.preference.shapes import parse_caption, render
-    from rlplat.loops.preference import prompt_fidelity
+    from rlplat.envs.preference.shapes import parse_caption, prompt_fidelity, render
 
     captions = ["two blue squares", "a red circle"]
     drawn = np.stack([render(parse_caption(c), 32, np.random.default_rng(i)) for i, c in enumerate(captions)])
@@ -300,13 +299,14 @@ def test_long_bench_presets_compose_and_pass_the_checks(experiment):
 
 
 def test_stop_when_on_fidelity_needs_shapes_captions_and_train_metrics_pass():
-    from types import SimpleNamespace
-
+    from rlplat.envs.preference.online import PromptSet
+    from rlplat.envs.preference.shapes import ShapesPrompts
     from rlplat.loops.preference import check_stop_when
 
     cfg = compose([*TINY, "preference=jpeg_compressibility", "algo=ddpo", "trainer.stop_when='eval/fidelity<0.8'"])
-    check_stop_when(cfg, SimpleNamespace(eval_prompts=["two blue squares"]))
-    with pytest.raises(ValueError, match=r"trainer.stop_when='eval/fidelity<0.8' watches eval/fidelity.*'a photo of a cat'"):
-        check_stop_when(cfg, SimpleNamespace(eval_prompts=["a photo of a cat"]))
+    check_stop_when(cfg, ShapesPrompts())
+    with pytest.raises(ValueError, match=r"stop_when='eval/fidelity<0.8' watches eval/fidelity.*PromptSet.*"
+                                         r"'a photo of a cat'.*has no fidelity score"):
+        check_stop_when(cfg, PromptSet(["a photo of a cat"]))
     cfg.trainer.stop_when = "train/loss>10 or perf/elapsed_s>60"  # an algorithm's own train/ metric is accepted
     check_stop_when(cfg, None)
