@@ -27,15 +27,10 @@ def _write_checkpoint(run_dir, cfg, worker, step: int) -> None:
     checkpoint.commit(tmp, keep=0, parts={"algo": cfg.algo._target_, "policy": cfg.policy._target_})
 
 
-@pytest.fixture(scope="module")
-def mlp_run(tmp_path_factory):
-    """A toy-env PPO run dir with an MLP checkpoint at step 5 (weights moved off their init) and a
-    damaged newer one at step 10; returns (run dir, the trained policy)."""
-    from rlplat.config import compose as compose_train
+def _actor(cfg, run_dir):
+    """The run's actor PolicyWorker built in-process (its config saved in ``run_dir`` as a run's is)."""
     from rlplat.workers.policy import PolicyWorker
 
-    run_dir = tmp_path_factory.mktemp("toy_mlp_run")
-    cfg = compose_train(["experiment=toy_mlp"])
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     env = instantiate(cfg.env, num_envs=1)
     worker = PolicyWorker(policy_cfg=OmegaConf.to_container(cfg.policy, resolve=True),
@@ -43,6 +38,16 @@ def mlp_run(tmp_path_factory):
                           observation_space=env.single_observation_space, action_space=env.single_action_space,
                           roles=["actor"], seed=int(cfg.seed))
     env.close()
+    return worker
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    """A toy-env PPO run dir with an MLP checkpoint at step 5 (weights moved off their init) and a
+    damaged newer one at step 10; returns (run dir, the trained policy)."""
+    from rlplat.config import compose as compose_train
+    run_dir = tmp_path_factory.mktemp("toy_mlp_run")
+    cfg = compose_train(["experiment=toy_mlp"])
+    worker = _actor(cfg, run_dir)
     with torch.no_grad():
         for p in worker.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -100,17 +105,10 @@ def test_a_vla_run_serves_with_the_action_statistics_of_its_checkpoint(tmp_path,
     the server unnormalises with them, announces them, and matches the trained policy."""
     from rlplat.config import compose as compose_train
     from rlplat.policies.base import compute_stats
-    from rlplat.workers.policy import PolicyWorker
     from tests.serve.helpers import camera
 
     cfg = compose_train(["experiment=quickstart"])
-    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
-    env = instantiate(cfg.env, num_envs=1)
-    worker = PolicyWorker(policy_cfg=OmegaConf.to_container(cfg.policy, resolve=True),
-                          algo_cfg=OmegaConf.to_container(cfg.algo, resolve=True),
-                          observation_space=env.single_observation_space, action_space=env.single_action_space,
-                          roles=["actor"], seed=int(cfg.seed))
-    env.close()
+    worker = _actor(cfg, tmp_path)
     demos = np.random.default_rng(0).uniform(-0.5, 0.25, (200, 2))
     worker.set_action_stats(compute_stats(demos), "my_robot")
     _write_checkpoint(tmp_path, cfg, worker, 3)
