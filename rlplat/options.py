@@ -61,8 +61,9 @@ def _comment(group: str, option: str) -> str:
 
 
 @cache
-def group_options() -> dict[str, dict[str, str]]:
-    """``{group: {option: one-line comment}}`` for every group of ``GROUPS`` (schema entries left out)."""
+def group_options(searchpath: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:
+    """``{group: {option: one-line comment}}`` for every group of ``GROUPS`` (schema entries left
+    out); ``searchpath``: ``hydra.searchpath=[...]`` overrides, whose folders add options."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -71,7 +72,9 @@ def group_options() -> dict[str, dict[str, str]]:
     register_configs()
     with initialize_config_module("rlplat.conf", version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        names = {g: [o for o in loader.get_group_options(g) if not o.endswith(SCHEMA_SUFFIX)] for g in GROUPS}
+        extra = {"config_name": "train", "overrides": list(searchpath)} if searchpath else {}
+        names = {g: [o for o in loader.get_group_options(g, **extra) if not o.endswith(SCHEMA_SUFFIX)]
+                 for g in GROUPS}
     return {g: {o: _comment(g, o) for o in sorted(opts)} for g, opts in names.items()}
 
 
@@ -111,7 +114,8 @@ def check_group_choices(overrides: Sequence[str]) -> str | None:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
     except HydraException:  # Hydra reports syntax errors itself, with their position
         return None
-    options = group_options()
+    # Folders added with hydra.searchpath=[...] bring their own options (plugins' YAML files).
+    options = group_options(tuple(o for o in overrides if o.startswith("hydra.searchpath=")))
     for override in parsed:
         group = override.key_or_group
         if group not in options or override.is_delete():
