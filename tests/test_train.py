@@ -14,7 +14,7 @@ from rlplat.runtime.cluster import STARTED_MESSAGE
 
 def _train(*args: str, cwd) -> tuple[int, str, bool]:
     """Exit code, output, and whether the run got as far as starting Ray (bad configs must not)."""
-    proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "rlplat.train", *args], cwd=cwd, capture_output=True, check=False,
                           text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     out = proc.stdout + proc.stderr
     return proc.returncode, out, STARTED_MESSAGE in out
@@ -98,7 +98,7 @@ def test_help_lists_every_groups_options_with_their_comment_and_no_schema_entrie
         for option, comment in by_name.items():
             # Every shipped option says what it is, on its own line of --help.
             assert comment, f"{group}={option} has no comment"
-            assert re.search(rf"^  {re.escape(option)} +{re.escape(comment)}$", out, re.M), (option, comment)
+            assert re.search(rf"^  {re.escape(option)} +{re.escape(comment)}$", out, re.MULTILINE), (option, comment)
     assert max(len(line) for line in out.splitlines()) <= 140
 
 
