@@ -114,12 +114,13 @@ def check_group_choices(overrides: Sequence[str]) -> str | None:
         parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
     except HydraException:  # Hydra reports syntax errors itself, with their position
         return None
+    chosen = [o for o in parsed if o.key_or_group in GROUPS and not o.is_delete()]
+    if not chosen:  # nothing to check: no need to list the options (a Hydra start-up of its own)
+        return None
     # Folders added with hydra.searchpath=[...] bring their own options (plugins' YAML files).
     options = group_options(tuple(o for o in overrides if o.startswith("hydra.searchpath=")))
-    for override in parsed:
+    for override in chosen:
         group = override.key_or_group
-        if group not in options or override.is_delete():
-            continue
         values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
         for value in values:
             if value is None or str(value) == "null" or str(value) in options[group]:

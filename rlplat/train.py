@@ -9,7 +9,6 @@ With no arguments it runs ``experiment=quickstart``. Examples::
 
 from __future__ import annotations
 
-import atexit
 import copy
 import os
 import sys
@@ -152,13 +151,12 @@ def keep_ray_for_the_sweep(cfg: DictConfig) -> None:
     when it ends) instead of paying Ray's start-up. Other launchers run each job elsewhere."""
     from hydra.types import RunMode
 
-    from rlplat.runtime.cluster import ClusterConfig, init_ray, shutdown_ray
+    from rlplat.runtime.cluster import ClusterConfig, init_ray_until_exit
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN or not str(hydra_cfg.launcher.get("_target_", "")).endswith(".BasicLauncher"):
         return
-    if init_ray(ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True))):
-        atexit.register(shutdown_ray, True)
+    init_ray_until_exit(ClusterConfig(**OmegaConf.to_container(cfg.cluster, resolve=True)))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rlplat.conf", config_name="train")

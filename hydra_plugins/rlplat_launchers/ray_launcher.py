@@ -13,7 +13,6 @@ Why not hydra-ray-launcher: its last release (1.2.2) pins ``cloudpickle<3``, whi
 
 # No `from __future__ import annotations` here: Hydra executes plugin modules without entering
 # them in sys.modules, and dataclasses then cannot resolve string annotations.
-import atexit
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,13 +87,12 @@ class RlplatRayLauncher(Launcher):
     def _ray(self) -> Any:
         import ray
 
-        from rlplat.runtime.cluster import ClusterConfig, init_ray, shutdown_ray
+        from rlplat.runtime.cluster import ClusterConfig, init_ray_until_exit
 
         cluster = OmegaConf.to_container(self.config.cluster, resolve=True) if "cluster" in self.config else {}
         cluster |= {k: v for k, v in (("address", self.address), ("num_cpus", self.num_cpus),
                                       ("num_gpus", self.num_gpus)) if v is not None}
-        if init_ray(ClusterConfig(**cluster)):
-            atexit.register(shutdown_ray, True)
+        init_ray_until_exit(ClusterConfig(**cluster))
         return ray
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

@@ -138,6 +138,15 @@ def shutdown_ray(started: bool) -> None:
         _owned_temp_dir = None
 
 
+def init_ray_until_exit(cfg: ClusterConfig | None = None) -> None:
+    """``init_ray`` for the rest of this process (a sweep's jobs share it): a Ray this call
+    starts is shut down when the process exits."""
+    import atexit
+
+    if init_ray(cfg):
+        atexit.register(shutdown_ray, True)
+
+
 @contextmanager
 def ray_session(cfg: ClusterConfig | None = None) -> Iterator[bool]:
     """``init_ray`` on entry, ``shutdown_ray`` on exit; yields whether this session started Ray."""
