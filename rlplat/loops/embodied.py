@@ -94,6 +94,16 @@ def check_batch(algo: Algorithm, cfg: DictConfig, max_episode_steps: int | None)
     )
 
 
+def eval_seeds(seed: int, episodes: int, start: int | None = None) -> np.ndarray:
+    """The seeds of a run's evaluation episodes: ``start, start + 1, ...`` when
+    ``trainer.eval_seed_start`` is set, else drawn from the run's ``seed`` (the same every
+    evaluation). ``rlplat-deploy``'s simulator dry runs use the same rule, so they play the same
+    episodes."""
+    if start is None:
+        return np.random.default_rng([seed, 1]).integers(0, 2**31 - 1, size=episodes)
+    return np.arange(int(start), int(start) + episodes)
+
+
 class EnvCollector(Collector):
     """Rollouts of an ActionPolicy on VectorEnv shards, advantages by the Algorithm."""
 
@@ -287,11 +297,7 @@ class EnvCollector(Collector):
         if video_path is None and last and self.cfg.trainer.save_video:
             video_path = self._media("episode.gif")
         n = self.cfg.trainer.eval_episodes
-        start = self.cfg.trainer.get("eval_seed_start")
-        if start is None:
-            seeds = np.random.default_rng([self.cfg.seed, 1]).integers(0, 2**31 - 1, size=n)
-        else:
-            seeds = np.arange(int(start), int(start) + n)
+        seeds = eval_seeds(self.cfg.seed, n, self.cfg.trainer.get("eval_seed_start"))
         rounds = [self._eval_round(seeds[i:i + self.num_eval_envs], video_path if i == 0 else None)
                   for i in range(0, n, self.num_eval_envs)]
         once, at_end, returns, lengths, tasks = (torch.cat(parts) if parts[0] is not None else None
