@@ -76,6 +76,36 @@ def step_info(success: np.ndarray, done: np.ndarray, episode_return: np.ndarray,
     }
 
 
+def space_to_json(space: spaces.Space) -> dict[str, Any]:
+    """A JSON-able description of an observation or action space (``Dict`` of ``Box`` / ``Text``),
+    which ``space_from_json`` turns back into an equal space: a run writes its env's spaces this
+    way, so a server can rebuild the policy without the simulator."""
+    if isinstance(space, spaces.Dict):
+        return {"type": "dict", "spaces": {key: space_to_json(sub) for key, sub in space.spaces.items()}}
+    if isinstance(space, spaces.Box):
+        return {"type": "box", "shape": list(space.shape), "dtype": space.dtype.str,
+                "low": space.low.tolist(), "high": space.high.tolist()}
+    if isinstance(space, spaces.Text):
+        return {"type": "text", "min_length": space.min_length, "max_length": space.max_length,
+                "charset": "".join(sorted(space.character_set))}
+    raise TypeError(f"cannot describe a {type(space).__name__} space (the env contract uses Dict, Box and Text)")
+
+
+def space_from_json(data: dict[str, Any]) -> spaces.Space:
+    """The space ``space_to_json`` described."""
+    kind = data.get("type")
+    if kind == "dict":
+        return spaces.Dict({key: space_from_json(sub) for key, sub in data["spaces"].items()})
+    if kind == "box":
+        dtype = np.dtype(data["dtype"])
+        shape = tuple(data["shape"])
+        return spaces.Box(np.asarray(data["low"], dtype).reshape(shape), np.asarray(data["high"], dtype).reshape(shape),
+                          shape, dtype)
+    if kind == "text":
+        return spaces.Text(data["max_length"], min_length=data["min_length"], charset=data["charset"])
+    raise ValueError(f"unknown space type {kind!r} (expected dict, box or text)")
+
+
 def group_leaders(num_envs: int, group_size: int) -> np.ndarray:
     """The leader of every env's group: int64 [num_envs], env i -> ``i // group_size * group_size``.
 

@@ -28,6 +28,8 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 POLICY = "policy"
 MANIFEST = "manifest.json"
+#: The run's env spaces (``write_env_spec``), beside config.yaml.
+ENV_SPEC = "env_spec.json"
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -129,6 +131,32 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_env_spec(run_dir: Path, spec: dict[str, Any]) -> None:
+    """Writes the env's single observation / action spaces, control rate and episode limit to
+    ``run_dir/env_spec.json``, so the policy can be rebuilt (``rlplat-serve``) without building
+    the env, i.e. without the simulator installed."""
+    from rlplat.envs.base import space_to_json
+
+    data = {"observation_space": space_to_json(spec["observation_space"]),
+            "action_space": space_to_json(spec["action_space"]),
+            "control_hz": spec.get("control_hz"), "max_episode_steps": spec.get("max_episode_steps")}
+    tmp = run_dir / f".{ENV_SPEC}.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, run_dir / ENV_SPEC)
+
+
+def read_env_spec(run_dir: Path) -> dict[str, Any] | None:
+    """The spaces ``write_env_spec`` saved (gymnasium spaces again), or None for runs without the file."""
+    from rlplat.envs.base import space_from_json
+
+    path = run_dir / ENV_SPEC
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {**data, "observation_space": space_from_json(data["observation_space"]),
+            "action_space": space_from_json(data["action_space"])}
 
 
 def save_trainer_state(folder: Path, state: dict[str, Any]) -> None:

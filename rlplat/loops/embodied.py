@@ -399,6 +399,7 @@ class EnvCollector(Collector):
         self.num_eval_envs = int(eval_envs) if eval_envs is not None else min(cfg.trainer.eval_episodes, self.num_envs)
         self.envs = EnvStages(env_group, stages, self.num_envs, self.num_eval_envs)
         self.spec = self.envs.spec()
+        checkpoint.write_env_spec(self.run_dir, self.spec)
         self.max_episode_steps = self.spec["max_episode_steps"]
         if cfg.env.max_episode_steps is None:
             check_batch(self.algo, cfg, self.max_episode_steps)  # the env's own episode limit is known now

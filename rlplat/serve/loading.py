@@ -130,7 +130,8 @@ def _run_checkpoint(cfg: DictConfig, path: Path) -> ServedPolicy:
         shutil.rmtree(scratch, ignore_errors=True)
     if run_cfg.get("env") is None:
         raise ServeConfigError(f"{run_dir} is a text-to-image run; the server serves policies that act (env runs)")
-    spaces = _env_spaces(run_cfg.env)
+    # The spaces the run saved (no simulator needed); runs older than env_spec.json build one env.
+    spaces = checkpoint.read_env_spec(run_dir) or _env_spaces(run_cfg.env)
     worker = PolicyWorker(policy_cfg=to_plain(run_cfg.policy), algo_cfg=to_plain(run_cfg.algo),
                           observation_space=spaces["observation_space"], action_space=spaces["action_space"],
                           roles=[], seed=int(run_cfg.seed), torch_threads=torch.get_num_threads())

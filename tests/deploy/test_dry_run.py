@@ -80,8 +80,17 @@ def _same_as_in_process(final: dict, report: dict) -> None:
 
 
 def test_toy_dry_run_through_the_server_equals_the_runs_evaluation(toy_run, tmp_path):
+    from rlplat.checkpoint import read_env_spec
+    from rlplat.deploy.sim import SimRobot
+
     run_dir, final = toy_run
     assert 0 < final["eval/success_once"] < 1  # a policy that sometimes succeeds: the comparison can tell
+    # The run saved its env's spaces (the server rebuilds the policy from them, no simulator needed).
+    robot, _ = SimRobot.from_run(run_dir, 1)
+    spec = read_env_spec(run_dir)
+    assert spec["observation_space"] == robot.env.single_observation_space
+    assert spec["action_space"] == robot.env.single_action_space and spec["max_episode_steps"] == 50
+    robot.close()
     with _serve(run_dir) as url:
         report = _deploy(url, run_dir, 16, tmp_path / "rec")
     _same_as_in_process(final, report)

@@ -127,3 +127,36 @@ def test_a_vla_run_serves_with_the_action_statistics_of_its_checkpoint(tmp_path,
     np.testing.assert_array_equal(reply["actions"], want)
     assert np.all(reply["actions"] >= np.array(meta["action_low"]) - 1e-6)
     assert np.all(reply["actions"] <= np.array(meta["action_high"]) + 1e-6)
+
+
+def test_a_run_with_saved_spaces_serves_without_building_its_env(mlp_run, tmp_path, monkeypatch):
+    # Runs write env_spec.json: the server rebuilds the policy from it, so serving a run trained in
+    # a simulator needs no simulator (the slim serve image).
+    import shutil
+
+    from rlplat.serve import loading
+
+    run_dir, trained = mlp_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    cfg = OmegaConf.load(copy / "config.yaml")
+    env = instantiate(cfg.env, num_envs=1)
+    checkpoint.write_env_spec(copy, {"observation_space": env.single_observation_space,
+                                     "action_space": env.single_action_space, "control_hz": 12.5,
+                                     "max_episode_steps": env.max_episode_steps})
+    env.close()
+
+    def no_env(env_cfg):
+        raise AssertionError("the server built the env although the run saved its spaces")
+
+    monkeypatch.setattr(loading, "_env_spaces", no_env)
+    served = load(compose([f"checkpoint={copy}"]))
+    assert served.control_hz == 12.5 and list(served.inputs) == ["state"]
+    state = np.random.default_rng(1).uniform(-1, 1, served.inputs["state"].shape).astype(np.float32)
+    with torch.no_grad():
+        want = trained.act({"state": state[None]}, deterministic=True).actions.numpy()
+    np.testing.assert_allclose(served.act({"state": state[None]}, deterministic=True)[:, 0], want, atol=1e-6)
+    # Without the file (runs written before it), the env is built as before.
+    (copy / checkpoint.ENV_SPEC).unlink()
+    with pytest.raises(AssertionError, match="built the env"):
+        load(compose([f"checkpoint={copy}"]))
