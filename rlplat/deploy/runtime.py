@@ -39,6 +39,9 @@ from rlplat.deploy.record import Recorder
 from rlplat.deploy.robot import Robot
 from rlplat.deploy.safety import SafetyFilter
 
+#: Longest time the loop waits for the server without asking the e-stop hook again (seconds).
+ESTOP_POLL_S = 0.05
+
 
 class ActionChunkBroker:
     """Hands out a server's action chunk one action per tick, and says when to ask for the next.
@@ -196,6 +199,7 @@ class Runtime:
         self._problem = ""
         self._server_errors = 0
         self._latencies: list[float] = []
+        self._estop_fired = False
 
     # ------------------------------------------------------------------ episodes
     def run(self, episodes: int, seeds: list[int | None] | None = None, max_steps: int | None = None,
@@ -239,7 +243,7 @@ class Runtime:
         while max_steps is None or steps < max_steps:
             if self.robot.episode_done():
                 break
-            if self.estop is not None and self.estop():
+            if self._estopped():
                 self.robot.estop()
                 self.stopped = "estop"
                 events["estop"] += 1
@@ -247,6 +251,8 @@ class Runtime:
                 break
             observation = self.robot.get_observation()
             server_action, reason = self._acquire(observation)
+            if reason == "estop":
+                continue  # the e-stop fired while waiting for the server: stop at the top of the loop
             step_events: tuple[str, ...] = ()
             applied = None
             if server_action is not None:
@@ -298,7 +304,15 @@ class Runtime:
                 if self.broker.has_action() and self.rate.period is not None:
                     # Real time: a late reply does not stall the loop while the old chunk has actions left.
                     timeout = min(timeout, 0.5 * self.rate.period)
-            futures.wait([self._pending], timeout=timeout)
+            # Waited in slices, so the e-stop hook is heard within ESTOP_POLL_S even while waiting.
+            deadline = self.clock() + timeout
+            while not self._pending.done():
+                left = deadline - self.clock()
+                if left <= 0:
+                    break
+                futures.wait([self._pending], timeout=min(left, ESTOP_POLL_S))
+                if self._estopped():
+                    return None, "estop"
             if self._pending.done():
                 self._collect(self._pending)
                 self._pending = None
@@ -312,6 +326,12 @@ class Runtime:
                 self._failure = "watchdog"
             return None, "watchdog"
         return None, self._failure or "waiting"
+
+    def _estopped(self) -> bool:
+        if self.estop is None or self._estop_fired:
+            return self._estop_fired
+        self._estop_fired = bool(self.estop())
+        return self._estop_fired
 
     def _fresh(self, now: float) -> bool:
         return now - self._last_fresh <= self.watchdog_s

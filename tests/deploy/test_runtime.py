@@ -283,8 +283,7 @@ def test_repeated_server_errors_stop_the_run_naming_the_servers_answer():
 
 def test_estop_stops_the_robot_without_homing():
     robot = LogRobot(steps_per_episode=100)
-    ticks = iter(range(1000))
-    rt = runtime(robot, ScriptedClient(lambda k, obs: [[0.1, 0.1]]), estop=lambda: next(ticks) >= 3)
+    rt = runtime(robot, ScriptedClient(lambda k, obs: [[0.1, 0.1]]), estop=lambda: robot.t >= 3)
     results = rt.run(3)
     assert len(results) == 1 and results[0].stopped == "estop" and rt.stopped == "estop"
     assert robot.kinds() == ["reset", "apply", "apply", "apply", "estop"]
@@ -354,3 +353,20 @@ def test_deploy_cli_says_when_the_server_cannot_be_reached(capsys):
 
     assert main(["robot=sim", "sim.env=toy", "server=ws://127.0.0.1:9", "connect_timeout_s=2"]) == 2
     assert "cannot reach ws://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_estop_is_heard_while_waiting_for_a_stalled_server():
+    release = threading.Event()
+    robot = LogRobot(steps_per_episode=100)
+    pressed = threading.Event()
+    client = ScriptedClient(lambda k, obs: release.wait(timeout=10) and [[0.1, 0.1]] if k == 1 else [[0.1, 0.1]])
+    rt = runtime(robot, client, watchdog_s=5.0, estop=pressed.is_set)
+    timer = threading.Timer(0.3, pressed.set)
+    timer.start()
+    start = time.monotonic()
+    rt.run(1)
+    waited = time.monotonic() - start
+    release.set()
+    # Stopped ~0.3 s in (not after the 5 s watchdog), without homing.
+    assert waited < 2.0 and rt.stopped == "estop"
+    assert robot.kinds() == ["reset", "apply", "estop"]
