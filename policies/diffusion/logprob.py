@@ -126,6 +126,52 @@ def ddim_step_with_logprob(
     return prev_sample.to(sample.dtype), log_prob
 
 
+def ddim_output_scale(scheduler: Any, timestep: int | torch.Tensor, eta: float) -> torch.Tensor:
+    """How strongly the DDIM step's log-prob responds to the model's output: |d mu_t / d output| / sigma_t.
+
+    The step's mean ``mu_t`` is affine in the model output (epsilon, v or x0; clipping and
+    thresholding ignored), so the gradient of a step log-prob with respect to that output is
+    ``z * (d mu_t / d output) / sigma_t`` per element (``z`` = the step's standard-normal noise):
+    this factor. It differs by orders of magnitude across one trajectory. With the tiny model's
+    zero-terminal-SNR schedule at 10 steps it is 0.055 at t=999 (the mean barely depends on the
+    output) and 11.4 at t=99 (sigma 0.029), so in a loss summed over steps the last step's gradient
+    is ~200x the first's, and an Adam step mostly redraws the last step's fine texture while the
+    steps that place shapes and colours do not move (``PreferenceAlgorithm.step_weights``).
+
+    Args:
+        scheduler: A diffusers ``DDIMScheduler`` with ``set_timesteps`` called.
+        timestep: t, an int or a tensor of timesteps.
+        eta: DDIM noise scale (> 0).
+
+    Returns:
+        float32 tensor shaped like ``timestep``.
+    """
+    if not eta > 0:
+        raise ValueError(f"eta={eta}: a DDIM step with eta = 0 has no log-probability to scale")
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(num_inference_steps) first")
+    config = scheduler.config
+    t = torch.as_tensor(timestep).long()
+    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.double()
+    a_t = alphas[t]
+    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], torch.as_tensor(float(scheduler.final_alpha_cumprod),
+                                                                                    dtype=torch.float64))
+    b_t = 1 - a_t
+    std = eta * ((1 - a_prev) / b_t * (1 - a_t / a_prev)).sqrt()
+    # mu = sqrt(a_prev) * x0 + direction * eps, with x0 and eps affine in the output.
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt()
+    if config.prediction_type == "epsilon":
+        slope = -a_prev.sqrt() * b_t.sqrt() / a_t.sqrt() + direction
+    elif config.prediction_type == "v_prediction":
+        slope = -a_prev.sqrt() * b_t.sqrt() + direction * a_t.sqrt()
+    elif config.prediction_type == "sample":
+        slope = a_prev.sqrt() - direction * a_t.sqrt() / b_t.sqrt()
+    else:
+        raise ValueError(f"prediction_type={config.prediction_type!r} must be one of {PREDICTION_TYPES}")
+    return (slope.abs() / std).float()
+
+
 def prediction_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the UNet regresses for clean ``x0`` noised with ``noise`` at timesteps ``t``: the
     noise (epsilon), the velocity sqrt(a_t) eps - sqrt(1 - a_t) x0 (v_prediction) or x0 (sample),

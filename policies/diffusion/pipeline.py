@@ -31,7 +31,7 @@ from rlplat.batch import Batch
 from rlplat.policies.base import DiffusionPolicy
 from rlplat.policies.cache import build_once, cached_folder
 from rlplat.policies.diffusion.config import find_diffusion_dir
-from rlplat.policies.diffusion.logprob import ddim_step_with_logprob, prediction_target
+from rlplat.policies.diffusion.logprob import ddim_output_scale, ddim_step_with_logprob, prediction_target
 from rlplat.policies.lora import lora_rank, peft_lora_config
 
 _TINY_BUILD_VERSION = 3
@@ -381,6 +381,11 @@ class TextToImagePolicy(DiffusionPolicy):
     def prediction_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet's regression target for ``x0`` noised with ``noise`` at ``t`` (its prediction type)."""
         return prediction_target(self.scheduler, x0, noise, t)
+
+    def step_output_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """|d mu_t / d output| / sigma_t of the DDIM steps at timesteps ``t`` (``ddim_output_scale``):
+        how much each step's log-prob gradient is magnified relative to the others."""
+        return ddim_output_scale(self.scheduler, t, self.eta)
 
     def step_logprob(self, latents_t: torch.Tensor, latents_prev: torch.Tensor, t: torch.Tensor, cond: Any
                      ) -> torch.Tensor:

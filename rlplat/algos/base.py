@@ -267,11 +267,13 @@ class PreferenceAlgorithm(abc.ABC):
         """``update_epochs`` x ``num_minibatches`` optimizer steps, each over a subset of the steps.
 
         Each minibatch trains on ``timestep_fraction`` of the denoising steps, drawn at random
-        per minibatch; their losses are averaged (gradients accumulated step by step, so memory
-        holds one step's graph). A minibatch whose loss is not finite is skipped and counted.
+        per minibatch; their losses are averaged, each times its ``algo.step_weight`` weight
+        (``step_weights``; gradients accumulated step by step, so memory holds one step's graph).
+        A minibatch whose loss is not finite is skipped and counted.
         """
         num_steps = batch["timesteps"].shape[1]
         train_steps = max(1, round(num_steps * float(self.cfg.get("timestep_fraction", 1.0))))
+        weights = step_weights(policy, batch["timesteps"][0], self.cfg.get("step_weight", "uniform"))
         stepper = OptimizerStep(optimizer, self.optim["max_grad_norm"], sync_grads, sync_mean)
         sums: dict[str, float] = defaultdict(float)
         count = 0
@@ -284,7 +286,7 @@ class PreferenceAlgorithm(abc.ABC):
                 step_sums: dict[str, float] = defaultdict(float)
                 for step in steps:
                     loss, metrics = self.step_loss(policy, mb, step)
-                    if not stepper.backward(loss / len(steps)):
+                    if not stepper.backward(loss * float(weights[step]) / len(steps)):
                         break
                     for key, value in {"loss": loss.detach(), **metrics}.items():
                         step_sums[key] += float(value) / len(steps)
@@ -310,3 +312,34 @@ class PreferenceAlgorithm(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``state_dict``."""
+
+
+def _output_scale_weights(policy: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    if not hasattr(policy, "step_output_scale"):
+        raise ValueError(f"algo.step_weight=output_scale needs a DDIM policy with step_output_scale(t) "
+                         f"({type(policy).__name__} has none): use algo.step_weight=uniform")
+    inverse = 1.0 / policy.step_output_scale(timesteps).float().cpu()
+    return inverse / inverse.mean()
+
+
+# algo.step_weight -> (policy, timesteps [T]) -> loss weight of each denoising step [T].
+STEP_WEIGHTS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    "uniform": lambda policy, timesteps: torch.ones(len(timesteps)),
+    "output_scale": _output_scale_weights,
+}
+
+
+def step_weights(policy: Any, timesteps: torch.Tensor, mode: str) -> torch.Tensor:
+    """Loss weight [T] of each denoising step of a trajectory with ``timesteps`` [T] (mean 1).
+
+    "uniform": every step's loss counts once (DDPO's and D3PO's papers). "output_scale": each
+    step's loss is divided by ``policy.step_output_scale`` (|d mu_t / d output| / sigma_t), so
+    every step moves the model output by a comparable amount. Uniform weights let the steps
+    near the image dominate: on the early tiny shapes base (10 DDIM steps) the D3PO gradient
+    norm was 2.1e-3 at t=99, 1.4e-4 at t=199 and 4e-6 at t=999, and after 16 Adam steps on one
+    batch of 16 pairs the implicit accuracy of steps t=999..199 stayed at 0.53 (t=99: 0.88-0.94);
+    with "output_scale" it was 0.69 on those steps after 4 Adam steps and stayed there.
+    """
+    if mode not in STEP_WEIGHTS:
+        raise ValueError(f"algo.step_weight={mode!r} must be one of {tuple(STEP_WEIGHTS)}")
+    return STEP_WEIGHTS[mode](policy, timesteps)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.algos.base import STEP_WEIGHTS, PreferenceAlgorithm
 from rlplat.algos.ddpo import without_final_steps
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
@@ -135,6 +135,10 @@ class D3POConfig:
     # Denoising steps nearest the image that get no update (0: every step trains). The last DDIM
     # step has the smallest std, so its ratio leaves the clip band first.
     skip_final_steps: int = checked(0, ge=0)
+    # Loss weight of each denoising step: uniform (the paper's) or output_scale (divided by how
+    # strongly the step's log-prob responds to the model output, so the low-noise steps near the
+    # image stop drowning out the ones that place shapes: rlplat.algos.base.step_weights).
+    step_weight: str = checked("uniform", choices=tuple(STEP_WEIGHTS))
     # DPO temperature beta.
     beta: float = checked(0.1, gt=0)
     # Half-width of the clipped ratio band.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rlplat.algos.advantages import group_normalized_advantages
-from rlplat.algos.base import PreferenceAlgorithm
+from rlplat.algos.base import STEP_WEIGHTS, PreferenceAlgorithm
 from rlplat.algos.losses import ppo_policy_loss
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
@@ -148,6 +148,10 @@ class DDPOConfig:
     # Denoising steps nearest the image that get no update (0: every step trains). The last DDIM
     # step has the smallest std, so its log-ratio moves most per weight change.
     skip_final_steps: int = checked(0, ge=0)
+    # Loss weight of each denoising step: uniform (the paper's) or output_scale (divided by how
+    # strongly the step's log-prob responds to the model output, so the low-noise steps near the
+    # image stop drowning out the ones that place shapes: rlplat.algos.base.step_weights).
+    step_weight: str = checked("uniform", choices=tuple(STEP_WEIGHTS))
     # Clip range of the step ratio (tiny: log-probs are means over elements).
     clip_coef: float = checked(1e-4, gt=0)
     # Advantages are clipped to +- this.

@@ -143,3 +143,74 @@ def test_kl_to_base_is_half_the_mean_squared_log_ratio_with_the_adapter_referenc
     # The sampled reference is the sampling-time policy, not the base: no kl_to_base.
     _, metrics = d3po_step_loss(policy, pairs, 0, reference="sampled")
     assert "kl_to_base" not in metrics
+
+
+class OutputPolicy(torch.nn.Module):
+    """A stand-in policy whose model output at each denoising step is a free parameter, scored by
+    the real DDIM step log-prob of the tiny model's schedule (zero terminal SNR, v-prediction)."""
+
+    def __init__(self, num_steps: int = 10) -> None:
+        super().__init__()
+        from diffusers import DDIMScheduler
+
+        self.scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                       rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                       timestep_spacing="trailing")
+        self.scheduler.set_timesteps(num_steps)
+        self.out = torch.nn.Parameter(torch.zeros(num_steps, 16))
+
+    def step_logprob(self, latents, next_latents, t, prompts):
+        from rlplat.policies.diffusion import ddim_step_with_logprob
+
+        index = self.scheduler.timesteps.tolist().index(int(t[0]))
+        out = self.out[index].expand_as(latents)
+        return ddim_step_with_logprob(self.scheduler, out, t, latents, 1.0, prev_sample=next_latents)[1]
+
+    def step_output_scale(self, t):
+        from rlplat.policies.diffusion import ddim_output_scale
+
+        return ddim_output_scale(self.scheduler, t, 1.0)
+
+
+def _output_gradient_per_step(step_weight: str) -> torch.Tensor:
+    """|change of the model output| per denoising step after one D3PO update (SGD, lr 1) on random pairs."""
+    from rlplat.algos.d3po import D3PO
+    from rlplat.algos.optim import OptimConfig
+    from rlplat.batch import Batch
+    from rlplat.policies.diffusion import ddim_step_with_logprob
+
+    torch.manual_seed(0)
+    policy, rows = OutputPolicy(), 64
+    steps = len(policy.scheduler.timesteps)
+    fields = {"timesteps": policy.scheduler.timesteps.repeat(rows, 1)}
+    for side in "wl":
+        latents = torch.randn(rows, steps, 16)
+        nxt, logp = zip(*(ddim_step_with_logprob(policy.scheduler, torch.zeros(rows, 16), t, latents[:, s], 1.0)
+                          for s, t in enumerate(policy.scheduler.timesteps.tolist())))
+        fields |= {f"{side}_latents": latents, f"{side}_next_latents": torch.stack(nxt, 1),
+                   f"{side}_logprobs": torch.stack(logp, 1)}
+    pairs = Batch(fields, extras={"prompts": ["p"] * rows}, batch_size=rows)
+    algo = D3PO(batch_size=rows, num_minibatches=1, update_epochs=1, timestep_fraction=1.0, beta=0.1, clip_coef=0.5,
+                reference="sampled", step_weight=step_weight,
+                optim=OptimConfig(lr=1.0, eps=1e-8, max_grad_norm=1e9).__dict__)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    algo.update(policy, optimizer, pairs, torch.Generator().manual_seed(0))
+    return policy.out.detach().norm(dim=1)
+
+
+def test_output_scale_weights_let_every_denoising_step_move_the_model():
+    # Uniform weights (the papers'): the last, low-noise step's gradient is orders of magnitude
+    # larger than the first steps', so an update only moves what the steps near the image do.
+    uniform = _output_gradient_per_step("uniform")
+    assert uniform[-1] / uniform[0] > 50
+    # Weighted by 1 / (|d mu / d output| / sigma): every step moves the output by a comparable amount.
+    weighted = _output_gradient_per_step("output_scale")
+    assert weighted.max() / weighted.min() < 3
+
+
+def test_unknown_step_weight_is_refused_naming_the_field():
+    from rlplat.algos.base import step_weights
+
+    with pytest.raises(ValueError, match="algo.step_weight"):
+        step_weights(None, torch.arange(3), "snr")

@@ -125,3 +125,26 @@ def test_prediction_target_refuses_unknown_types():
     scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"))
     with pytest.raises(ValueError, match="prediction_type='flow' must be one of"):
         prediction_target(scheduler, torch.zeros(1), torch.zeros(1), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_output_scale_is_the_mean_slope_over_the_std(prediction_type, zero_snr):
+    from rlplat.policies.diffusion import ddim_output_scale
+
+    if zero_snr and prediction_type == "epsilon":
+        pytest.skip("epsilon prediction has no x0 at zero terminal SNR")
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_snr else {}
+    scheduler = make_scheduler(prediction_type=prediction_type, **extra)
+    scheduler.set_timesteps(10)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    scales = ddim_output_scale(scheduler, scheduler.timesteps, 1.0)
+    for t, scale in zip(scheduler.timesteps.tolist(), scales.tolist()):
+        # The mean is affine in the model output: its slope is the difference of two noiseless steps.
+        zero, one = (scheduler.step(torch.full_like(x, v), t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+                     for v in (0.0, 1.0))
+        prev_t = t - 1000 // scheduler.num_inference_steps
+        std = scheduler._get_variance(t, prev_t) ** 0.5
+        assert scale == pytest.approx(float((one - zero).abs().mean() / std), rel=1e-3), t
+    if zero_snr:  # the trajectory's steps differ by orders of magnitude (why step_weight exists)
+        assert scales.max() / scales.min() > 100
