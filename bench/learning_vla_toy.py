@@ -67,7 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algos", nargs="+", default=["ppo", "grpo"], choices=sorted(RL))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--sft-steps", type=int, default=60, help="SFT iterations (64 envs x 50 expert steps each)")
+    parser.add_argument("--sft-steps", type=int, default=240,
+                        help="SFT iterations (64 envs x 50 expert steps each; the vla_toy_sft preset's 240)")
     parser.add_argument("--rl-steps", type=int, default=20, help="RL iterations (64 envs x 50 steps each)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=128)

@@ -267,6 +267,20 @@ def test_vla_decode_modes_bench_compares_greedy_and_sampled(tmp_path: Path, monk
     assert rows["greedy"]["distinct_actions"] < rows["sampled T=1.0"]["distinct_actions"]
 
 
+def test_vla_direction_probe_counts_wrong_directions_per_band(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "probe.json"
+    run_main(load_script("vla_direction_probe"), ["--scenes", "8", "--rounds", "2", "--out", str(out)], monkeypatch)
+    bands = json.loads(out.read_text())["bands"]
+    assert [b["distance"] for b in bands] == [[0.15, 0.3], [0.3, 0.45], [0.45, 0.6], [0.6, 0.8], [0.8, 1.0]]
+    # Every probed state lies in one band and is either in the target's patch or not.
+    assert 0 < sum(b["n"] for b in bands) <= 16
+    for b in bands:
+        assert b["same_patch"]["n"] + b["other_patch"]["n"] == b["n"]
+        for part in (b, b["same_patch"], b["other_patch"]):
+            assert (part["wrong_direction"] is None) == (part["n"] == 0)
+            assert part["wrong_direction"] is None or 0.0 <= part["wrong_direction"] <= 1.0
+
+
 def test_footprint_bench_measures_the_process_tree_of_a_toy_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "footprint.json"
     run_main(load_script("footprint"), ["--families", "toy", "--out", str(out)], monkeypatch)
