@@ -155,11 +155,7 @@ def build_robot(cfg: Any) -> tuple[Robot, list[int] | None]:
         from rlplat.deploy.sim import SimRobot
 
         if cfg.sim.run is not None:
-            robot, seeds = SimRobot.from_run(cfg.sim.run, cfg.episodes)
-            if cfg.sim.ignore_terminations is not None:
-                robot.close()
-                env_cfg = OmegaConf.load(Path(cfg.sim.run) / "config.yaml").env
-                robot = SimRobot(env_cfg, ignore_terminations=cfg.sim.ignore_terminations)
+            robot, seeds = SimRobot.from_run(cfg.sim.run, cfg.episodes, cfg.sim.ignore_terminations)
         else:
             robot = SimRobot.from_preset(cfg.sim.env, list(cfg.sim.env_overrides),
                                          ignore_terminations=bool(cfg.sim.ignore_terminations))

@@ -61,8 +61,10 @@ class SimRobot(Robot):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_run(cls, run_dir: str | Path, episodes: int) -> tuple[SimRobot, list[int]]:
-        """The robot a run's evaluation uses, and the seeds of its first ``episodes`` evaluation episodes."""
+    def from_run(cls, run_dir: str | Path, episodes: int, ignore_terminations: bool | None = None
+                 ) -> tuple[SimRobot, list[int]]:
+        """The robot a run's evaluation uses, and the seeds of its first ``episodes`` evaluation
+        episodes (``ignore_terminations``: None keeps the run's ``trainer.eval_ignore_terminations``)."""
         from rlplat.loops.embodied import eval_seeds
 
         config_file = Path(run_dir) / "config.yaml"
@@ -71,7 +73,9 @@ class SimRobot(Robot):
         cfg = OmegaConf.load(config_file)
         if cfg.get("preference") is not None:
             raise ValueError(f"sim.run={run_dir} is a text-to-image run; a SimRobot needs an env run")
-        robot = cls(cfg.env, ignore_terminations=bool(cfg.trainer.get("eval_ignore_terminations", False)))
+        if ignore_terminations is None:
+            ignore_terminations = bool(cfg.trainer.get("eval_ignore_terminations", False))
+        robot = cls(cfg.env, ignore_terminations=ignore_terminations)
         seeds = eval_seeds(int(cfg.seed), episodes, cfg.trainer.get("eval_seed_start"))
         return robot, [int(s) for s in seeds]
 
