@@ -300,3 +300,35 @@ def test_sweep_bench_runs_a_sweep_and_reports_it(tmp_path: Path, monkeypatch: py
     assert basic["launcher"] == "basic" and basic["jobs"] == 2 and basic["wall_s"] > 0
     (row,) = basic["table"]
     assert row["seeds"] == 2 and row["not finished"] == 0 and 0.0 <= row["final mean"] <= 1.0
+
+
+def test_learning_vla_bench_runs_from_the_shipped_checkpoint_and_merges_side_by_side_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script("learning_vla_toy")
+    small = ["--shipped", "--algos", "grpo", "--rl-steps", "1", "--eval-every", "1", "--eval-episodes", "4",
+             "--set", "env.num_envs=8", "env.max_episode_steps=8", "policy.temperature=0.5"]
+    run_main(bench, [*small, "--seeds", "0", "--out", str(tmp_path / "s0.json")], monkeypatch)
+    first = json.loads((tmp_path / "s0.json").read_text())
+    # No SFT run: the RL run starts from the shipped checkpoint (no init_from) with the extra overrides.
+    assert [r["algo"] for r in first["runs"]] == ["grpo"] and "sft" not in first["summary"]
+    (rl,) = first["runs"]
+    assert [step for step, _ in rl["curve"]] == [0, 64] and rl["before"] == rl["curve"][0][1]
+    # A second invocation with the same settings (another seed, as on another core) merges with it.
+    second = json.loads((tmp_path / "s0.json").read_text())
+    second["settings"]["seeds"] = [1]
+    second["runs"][0] |= {"seed": 1, "final_success": 1.0 - rl["final_success"]}
+    (tmp_path / "s1.json").write_text(json.dumps(second))
+    merged_path = tmp_path / "merged.json"
+    run_main(bench, ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(merged_path)],
+             monkeypatch)
+    merged = json.loads(merged_path.read_text())
+    assert [r["seed"] for r in merged["runs"]] == [0, 1] and merged["settings"]["seeds"] == [0, 1]
+    summary = merged["summary"]["grpo"]
+    assert summary["afters"] == [rl["final_success"], 1.0 - rl["final_success"]]
+    assert summary["min_after"] == min(summary["afters"]) and summary["after_mean"] == pytest.approx(0.5)
+    # Files run with other settings are refused, naming what differs.
+    second["settings"]["rl_steps"] = 2
+    (tmp_path / "s1.json").write_text(json.dumps(second))
+    with pytest.raises(SystemExit, match="rl_steps"):
+        run_main(bench, ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(merged_path)],
+                 monkeypatch)
