@@ -35,7 +35,7 @@ COMMON = ["trainer.eval_at_start=true", "trainer.save_video=false", "logger.prog
 EVAL_KEYS = {"success_once": "eval/success_once", "success_at_end": "eval/success_at_end",
              "return": "eval/episode_return"}
 TRAIN_KEYS = ("explained_variance", "approx_kl", "clipfrac", "kl_stop", "update_fraction", "entropy",
-              "grad_norm", "value_loss", "return_mean", "value_mean", "episode_return", "success_rate")
+              "grad_norm", "value_loss", "return_mean", "value_mean", "episode_return", "success_rate", "lr")
 
 
 def curve(run_dir: Path) -> tuple[list[dict], dict[str, list[float]]]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rlplat.algos.losses import masked_mean
-from rlplat.algos.optim import OptimizerStep, annealed_lr
+from rlplat.algos.optim import OptimizerStep, adapt_lr_to_kl, annealed_lr, check_optim
 from rlplat.batch import Batch
 from rlplat.policies.base import ActionPolicy, EvalOutput
 
@@ -50,6 +50,11 @@ class Algorithm(abc.ABC):
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
         self.optim = cfg["optim"]
+        check_optim(self.optim)
+        if self.optim.get("desired_kl") is not None and self.uses_expert:
+            raise ValueError(f"algo.optim.desired_kl={self.optim['desired_kl']} adapts the lr to the KL between the "
+                             f"rollout policy and the trained one; {type(self).__name__} learns from demonstrations, "
+                             f"which have no such policy: set algo.optim.desired_kl=null")
         self.iteration = 1
 
     # ----------------------------------------------------------------- rollout shape
@@ -120,7 +125,9 @@ class Algorithm(abc.ABC):
         The approx KL of each minibatch is checked *before* its optimizer step (as ManiSkill's
         and SB3's PPO do): a minibatch that is already beyond ``algo.target_kl`` is not stepped
         and the update ends there (``train/kl_stop``; ``train/update_fraction`` says how much of
-        the planned epochs x minibatches ran).
+        the planned epochs x minibatches ran). With ``algo.optim.desired_kl`` the same KL then
+        moves the learning rate (``adapt_lr_to_kl``) before the step; ``train/lr`` reports the lr
+        the update ended with.
 
         With ``algo.recompute_old_logprobs`` (null: on for bf16/fp16 weights) the rollout's
         log-probs are first re-scored with the training weights in training mode (verl's
@@ -137,6 +144,7 @@ class Algorithm(abc.ABC):
         sums: dict[str, float] = defaultdict(float)
         count, stop_kl, ratio_dev_first = 0, None, None
         target_kl = self.cfg.get("target_kl")
+        desired_kl = self.optim.get("desired_kl")
         stepper = OptimizerStep(optimizer, self.optim["max_grad_norm"], sync_grads, sync_mean)
         planned = self.cfg["update_epochs"] * self.cfg["num_minibatches"]
         for _ in range(self.cfg["update_epochs"]):
@@ -154,6 +162,8 @@ class Algorithm(abc.ABC):
                 if target_kl is not None and kl > target_kl:
                     stop_kl = kl
                     break
+                if desired_kl is not None:  # the KL every rank agreed on: the same lr everywhere
+                    adapt_lr_to_kl(optimizer, kl, float(desired_kl))
                 grad_norm = stepper.step(loss)
                 if grad_norm is None:
                     continue
@@ -173,6 +183,9 @@ class Algorithm(abc.ABC):
         result["train/kl_stop"] = float(stop_kl is not None)
         if stop_kl is not None:
             result["train/kl_at_stop"] = stop_kl
+        if desired_kl is not None:
+            first = optimizer.param_groups[0]
+            result["train/lr"] = first["lr"] / first.get("lr_scale", 1.0)
         return result
 
     def recomputes_old_logprobs(self, policy: ActionPolicy) -> bool:
@@ -217,6 +230,11 @@ class PreferenceAlgorithm(abc.ABC):
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
         self.optim = cfg["optim"]
+        check_optim(self.optim)
+        if self.optim.get("desired_kl") is not None:
+            raise ValueError(f"algo.optim.desired_kl={self.optim['desired_kl']}: the KL-adaptive lr is for the "
+                             f"embodied algorithms (ppo, grpo); {type(self).__name__} keeps its lr schedule "
+                             f"(algo.optim.lr, algo.optim.anneal_lr): set algo.optim.desired_kl=null")
 
     @property
     def needs_adapter_reference(self) -> bool:

@@ -32,10 +32,42 @@ class OptimConfig:
     eps: float = checked(1e-5, gt=0)
     # Linearly anneal the learning rate to 0 over trainer.total_steps.
     anneal_lr: bool = False
+    # Adapt the learning rate to this approx KL per minibatch (rsl_rl's "adaptive" schedule, for
+    # PPO / GRPO): after a minibatch whose KL to the rollout policy is above twice this the lr is
+    # divided by 1.5, below half of it multiplied by 1.5, within [1e-5, 1e-2]; the factor carries
+    # over iterations and checkpoints. Null: off. Not with anneal_lr.
+    desired_kl: float | None = checked(None, gt=0)
     # Clip the global gradient norm to this value.
     max_grad_norm: float = checked(0.5, gt=0)
     # Decoupled weight decay (AdamW).
     weight_decay: float = checked(0.0, ge=0)
+
+
+#: The adaptive schedule's step (multiply or divide by it) and the lr's bounds (rsl_rl's values).
+KL_LR_STEP, KL_LR_MIN, KL_LR_MAX = 1.5, 1e-5, 1e-2
+
+
+def check_optim(optim: Mapping[str, Any], where: str = "algo.optim") -> None:
+    """Refuses settings that contradict each other (ValueError naming the keys)."""
+    if optim.get("desired_kl") is not None and optim.get("anneal_lr", False):
+        raise ValueError(f"{where}.anneal_lr=true and {where}.desired_kl={optim['desired_kl']} both set the "
+                         f"learning rate's schedule: keep one (set {where}.anneal_lr=false or {where}.desired_kl=null)")
+
+
+def adapt_lr_to_kl(optimizer: torch.optim.Optimizer, kl: float, desired_kl: float) -> float:
+    """One step of the KL-adaptive schedule: moves every group's ``kl_factor`` (kept in the
+    optimizer's param groups, so it is saved with the optimizer) and its lr; returns the base
+    lr (group lr / lr_scale) after the change."""
+    for group in optimizer.param_groups:
+        base = group["lr"] / group.get("lr_scale", 1.0)
+        if kl > 2.0 * desired_kl:
+            base = max(KL_LR_MIN, base / KL_LR_STEP)
+        elif kl < 0.5 * desired_kl:
+            base = min(KL_LR_MAX, base * KL_LR_STEP)
+        group["kl_factor"] = base / group.get("base_lr", base)
+        group["lr"] = base * group.get("lr_scale", 1.0)
+    first = optimizer.param_groups[0]
+    return first["lr"] / first.get("lr_scale", 1.0)
 
 
 def annealed_lr(optim: Mapping[str, Any], step: int, total_steps: int) -> float:
@@ -52,6 +84,7 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim: Mapping[str, Any]
     Each group remembers its lr relative to ``optim["lr"]`` (``lr_scale``), so ``set_lr`` moves
     every group by the same factor (a value head at its own lr keeps its ratio under annealing).
     """
+    check_optim(optim)
     base_lr = float(optim["lr"])
     for group in param_groups:
         group["lr_scale"] = group["lr"] / base_lr if base_lr else 1.0
@@ -60,9 +93,11 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim: Mapping[str, Any]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Sets every group's learning rate to ``lr`` times its ``lr_scale``."""
+    """Sets every group's learning rate to ``lr`` times its ``lr_scale`` and its ``kl_factor``
+    (what the KL-adaptive schedule has made of ``lr`` so far; 1 without it)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["base_lr"] = lr
+        group["lr"] = lr * group.get("kl_factor", 1.0) * group.get("lr_scale", 1.0)
 
 
 class OptimizerStep:

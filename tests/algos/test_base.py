@@ -126,3 +126,75 @@ def test_ppo_update_takes_per_step_logprobs():
     assert metrics["train/minibatches"] == 4.0 and metrics["train/ratio_dev_first"] == pytest.approx(0.0, abs=1e-6)
     assert np.isfinite(metrics["train/loss"]) and metrics["train/approx_kl"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, params(policy)))
+
+
+def adaptive_optimizer(policy: torch.nn.Module, lr: float, value_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The workers' optimizer (build_optimizer) with a second group at ``value_scale`` x lr, lr set by the controller."""
+    from rlplat.algos.optim import build_optimizer, set_lr
+
+    params = list(policy.parameters())
+    groups = [{"params": params[:-2], "lr": lr}, {"params": params[-2:], "lr": lr * value_scale}]
+    optimizer = build_optimizer(groups, {"lr": lr, "desired_kl": 0.01})
+    set_lr(optimizer, lr)
+    return optimizer
+
+
+def test_adaptive_lr_moves_by_1_5_per_minibatch_on_the_kl_it_checks_and_keeps_group_ratios():
+    from rlplat.algos.optim import KL_LR_MAX, KL_LR_MIN, adapt_lr_to_kl, set_lr
+
+    policy = ActorCritic(OBS_SPACE, ACTION_SPACE, hidden_sizes=(16,))
+    optimizer = adaptive_optimizer(policy, lr=1e-3, value_scale=10.0)
+    # Inside the band [desired / 2, 2 desired]: unchanged.
+    assert adapt_lr_to_kl(optimizer, 0.01, 0.01) == pytest.approx(1e-3)
+    # Above twice the target: / 1.5; below half: x 1.5; the value group keeps its 10x.
+    assert adapt_lr_to_kl(optimizer, 0.03, 0.01) == pytest.approx(1e-3 / 1.5)
+    assert adapt_lr_to_kl(optimizer, 0.001, 0.01) == pytest.approx(1e-3)
+    assert adapt_lr_to_kl(optimizer, 0.001, 0.01) == pytest.approx(1.5e-3)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1.5e-2)
+    # The factor survives the controller's next set_lr (the next iteration) and a save / load.
+    set_lr(optimizer, 1e-3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-3)
+    restored = adaptive_optimizer(policy, lr=1e-3, value_scale=10.0)
+    restored.load_state_dict(optimizer.state_dict())
+    set_lr(restored, 1e-3)
+    assert [g["lr"] for g in restored.param_groups] == pytest.approx([1.5e-3, 1.5e-2])
+    # Bounded like rsl_rl's schedule.
+    for _ in range(40):
+        adapt_lr_to_kl(optimizer, 0.0, 0.01)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(KL_LR_MAX)
+    for _ in range(60):
+        adapt_lr_to_kl(optimizer, 1.0, 0.01)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(KL_LR_MIN)
+
+
+def test_update_with_desired_kl_adapts_before_each_step_and_reports_the_lr():
+    torch.manual_seed(0)
+    policy = ActorCritic(OBS_SPACE, ACTION_SPACE, hidden_sizes=(16,))
+    ppo = make_ppo(num_minibatches=2, update_epochs=1, target_kl=None,
+                   optim={"lr": 1e-3, "eps": 1e-5, "anneal_lr": False, "max_grad_norm": 0.5, "weight_decay": 0.0,
+                          "desired_kl": 0.01})
+    # Old log-probs 1 nat above: approx KL 0.37 on both minibatches, far above 2 x 0.01: two divisions.
+    optimizer = adaptive_optimizer(policy, lr=1e-3)
+    metrics = ppo.update(policy, optimizer, rollout_batch(policy, rows=32, logprob_shift=1.0),
+                         torch.Generator().manual_seed(0))
+    assert metrics["train/lr"] == pytest.approx(1e-3 / 1.5**2)
+    # Rows from the policy itself: the first minibatch's KL is 0 (< 0.005), so the lr rises first.
+    optimizer = adaptive_optimizer(policy, lr=1e-3)
+    before = optimizer.param_groups[0]["lr"]
+    ppo.update(policy, optimizer, rollout_batch(policy, rows=32), torch.Generator().manual_seed(0))
+    assert optimizer.param_groups[0]["lr"] > before
+
+
+@pytest.mark.parametrize(("algo", "optim", "match"), [
+    ("ppo", {"anneal_lr": True, "desired_kl": 0.01}, "anneal_lr=true and algo.optim.desired_kl=0.01 both set"),
+    ("sft", {"desired_kl": 0.01}, "learns from demonstrations"),
+    ("d3po", {"desired_kl": 0.01}, "for the embodied algorithms"),
+])
+def test_desired_kl_is_refused_where_it_cannot_work(algo: str, optim: dict, match: str, tmp_path) -> None:
+    from rlplat.config import compose
+    from rlplat.validate import ConfigError, validate
+
+    preset = {"ppo": ["experiment=toy_mlp"], "sft": ["experiment=vla_toy_sft"], "d3po": ["experiment=d3po_tiny"]}[algo]
+    cfg = compose([*preset, *(f"algo.optim.{k}={v}" for k, v in optim.items())])
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg, tmp_path)
