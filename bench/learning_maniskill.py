@@ -79,8 +79,13 @@ def main() -> None:
     parser.add_argument("--by-steps", type=int, default=100_000, help="env steps by which to reach it")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for every run")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="run nothing: join variant --label of these JSON files (invocations run side by side) into --out")
     args = parser.parse_args()
     out = args.out or Path(__file__).parent / "results" / f"learning_{args.preset.removesuffix('_ppo_mlp')}.json"
+    if args.merge:
+        merge(args.merge, args.label, out)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="rlplat-bench-maniskill-"))
     runs = []
@@ -99,7 +104,13 @@ def main() -> None:
         print(f"seed {seed}: " + ", ".join(f"{p['env_steps'] // 1000}k {p['success_once']:.2f}/{p['success_at_end']:.2f}"
                                            for p in points) + f" ({runs[-1]['wall_s']:.0f} s)", flush=True)
 
-    # Evaluation points line up across seeds (same schedule): mean +- std per point.
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    store(out, args.label, variant(runs, settings, args.preset))
+
+
+def variant(runs: list[dict], settings: dict, preset: str) -> dict:
+    """One variant's record: its runs, the mean +- std / min table over seeds (evaluation points
+    line up across seeds: same schedule), KL stops and whether every seed passes; printed."""
     table = []
     for i, point in enumerate(runs[0]["curve"]):
         row = {"env_steps": point["env_steps"], "wall_s_mean": float(np.mean([r["curve"][i]["wall_s"] for r in runs]))}
@@ -110,7 +121,7 @@ def main() -> None:
         table.append(row)
     summaries = [r["summary"] for r in runs]
     kl_stops = [int(np.nansum([x or 0 for x in r["train"]["kl_stop"]])) for r in runs]
-    print(f"\n{args.preset} [{args.label}] {' '.join(args.set)}")
+    print(f"\n{preset} [{settings['label']}] {' '.join(settings['set'])}")
     print(f"{'env steps':>10} {'wall s':>7} {'success_once':>16} {'min':>5} {'success_at_end':>16} {'return':>8}")
     for row in table:
         print(f"{row['env_steps']:>10} {row['wall_s_mean']:>7.0f} {row['success_once_mean']:>9.3f} +- "
@@ -118,19 +129,38 @@ def main() -> None:
               f"{row['success_at_end_std']:.3f} {row['return_mean']:>8.2f}")
     for run_ in runs:
         s = run_["summary"]
-        print(f"seed {run_['seed']}: first >= {args.target} at {s['first_env_steps']} env steps "
+        print(f"seed {run_['seed']}: first >= {settings['target']} at {s['first_env_steps']} env steps "
               f"({s['first_wall_s'] and round(s['first_wall_s'])} s), min after it {s['min_after_first']}, "
               f"passes: {s['passes']}")
     print(f"KL stops per run: {kl_stops}")
+    return {"settings": settings, "common": COMMON, "table": table, "runs": runs, "kl_stops": kl_stops,
+            "all_pass": all(s["passes"] for s in summaries)}
 
+
+def store(out: Path, label: str, record: dict) -> None:
+    """Writes ``record`` under ``label`` in ``out``, keeping the file's other variants."""
     results = json.loads(out.read_text()) if out.exists() else {}
     results = results if "variants" in results else {"variants": {}}
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    results["variants"][args.label] = {"settings": settings, "common": COMMON, "table": table, "runs": runs,
-                                       "kl_stops": kl_stops, "all_pass": all(s["passes"] for s in summaries)}
+    results["variants"][label] = record
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out} [{args.label}]")
+    print(f"wrote {out} [{label}]")
+
+
+def merge(files: list[Path], label: str, out: Path) -> None:
+    """Joins variant ``label`` of several invocations run side by side (e.g. one seed per core)
+    into one record in ``out``; refused unless they ran the same settings."""
+    records = [json.loads(f.read_text())["variants"][label] for f in files]
+    varying = ("seeds", "out", "merge")
+    same = [{k: v for k, v in r["settings"].items() if k not in varying} for r in records]
+    for f, other in zip(files[1:], same[1:], strict=True):
+        if other != same[0]:
+            raise SystemExit(f"--merge: {f} [{label}] ran other settings than {files[0]}: "
+                             f"{ {k: (same[0].get(k), v) for k, v in other.items() if same[0].get(k) != v} }")
+    runs = sorted((r for record in records for r in record["runs"]), key=lambda r: r["seed"])
+    settings = {**records[0]["settings"], "seeds": [r["seed"] for r in runs], "out": str(out),
+                "merged_from": [str(f) for f in files]}
+    store(out, label, variant(runs, settings, settings["preset"]))
 
 
 if __name__ == "__main__":

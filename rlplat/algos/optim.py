@@ -35,7 +35,10 @@ class OptimConfig:
     # Adapt the learning rate to this approx KL per minibatch (rsl_rl's "adaptive" schedule, for
     # PPO / GRPO): after a minibatch whose KL to the rollout policy is above twice this the lr is
     # divided by 1.5, below half of it multiplied by 1.5, within [1e-5, 1e-2]; the factor carries
-    # over iterations and checkpoints. Null: off. Not with anneal_lr.
+    # over iterations and checkpoints. Null: off. Not with anneal_lr. The lr moves once per
+    # minibatch, so with many minibatches per iteration it swings far: on PushCube (64 per
+    # iteration) 0.04 drove it to 1e-2 within 5 iterations and broke the policy, and at 0.02 it sat
+    # at 1e-5 while the KL stayed 0.02-0.05 (bench/results/learning_maniskill_pushcube.json).
     desired_kl: float | None = checked(None, gt=0)
     # Clip the global gradient norm to this value.
     max_grad_norm: float = checked(0.5, gt=0)

@@ -332,3 +332,37 @@ def test_learning_vla_bench_runs_from_the_shipped_checkpoint_and_merges_side_by_
     with pytest.raises(SystemExit, match="rl_steps"):
         run_main(bench, ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(merged_path)],
                  monkeypatch)
+
+
+def test_learning_maniskill_merge_joins_seeds_run_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_script("learning_maniskill")
+
+    def one_seed(seed: int, successes: list[float], path: Path, **settings_changes) -> None:
+        points = [{"env_steps": 50_000 * i, "wall_s": 10.0 * i, "success_once": s, "success_at_end": s / 2,
+                   "return": 10 * s} for i, s in enumerate(successes)]
+        run_ = {"seed": seed, "curve": points, "train": {"kl_stop": [1.0, 0.0, 1.0]},
+                "summary": bench.summarize(points, 0.9, 100_000)}
+        settings = {"preset": "maniskill_pushcube_ppo_mlp", "label": "v", "seeds": [seed], "target": 0.9,
+                    "by_steps": 100_000, "set": ["algo.update_epochs=8"], "out": str(path), **settings_changes}
+        path.write_text(json.dumps({"variants": {"v": bench.variant([run_], settings, settings["preset"])}}))
+
+    one_seed(2, [0.0, 0.5, 0.95, 0.97], tmp_path / "s2.json")
+    one_seed(0, [0.0, 0.9, 1.0, 0.88], tmp_path / "s0.json")
+    out = tmp_path / "all.json"
+    out.write_text(json.dumps({"variants": {"preset": {"kept": True}}}))
+    run_main(bench, ["--merge", str(tmp_path / "s2.json"), str(tmp_path / "s0.json"), "--label", "v", "--out", str(out)],
+             monkeypatch)
+    result = json.loads(out.read_text())
+    merged = result["variants"]["v"]
+    # The file's other variants are kept; the seeds are joined in order and the table spans both.
+    assert result["variants"]["preset"] == {"kept": True}
+    assert [r["seed"] for r in merged["runs"]] == [0, 2] and merged["settings"]["seeds"] == [0, 2]
+    assert merged["table"][1]["success_once_mean"] == pytest.approx(0.7)
+    assert merged["table"][3]["success_once_min"] == pytest.approx(0.88)
+    assert merged["kl_stops"] == [2, 2]
+    # Seed 0 reaches 0.9 by 100k but falls to 0.88; seed 2 reaches it only at 100k and holds.
+    assert [r["summary"]["passes"] for r in merged["runs"]] == [False, True] and merged["all_pass"] is False
+    one_seed(1, [0.0, 0.9, 1.0, 1.0], tmp_path / "s1.json", set=["algo.update_epochs=4"])
+    with pytest.raises(SystemExit, match="algo.update_epochs=4"):
+        run_main(bench, ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--label", "v",
+                         "--out", str(out)], monkeypatch)
