@@ -50,11 +50,13 @@ class OptimConfig:
 KL_LR_STEP, KL_LR_MIN, KL_LR_MAX = 1.5, 1e-5, 1e-2
 
 
-def check_optim(optim: Mapping[str, Any], where: str = "algo.optim") -> None:
-    """Refuses settings that contradict each other (ValueError naming the keys)."""
+def check_optim(optim: Mapping[str, Any]) -> None:
+    """Refuses settings that contradict each other (ValueError naming the keys); the algorithms
+    call it when they are built, so a bad config stops at validation."""
     if optim.get("desired_kl") is not None and optim.get("anneal_lr", False):
-        raise ValueError(f"{where}.anneal_lr=true and {where}.desired_kl={optim['desired_kl']} both set the "
-                         f"learning rate's schedule: keep one (set {where}.anneal_lr=false or {where}.desired_kl=null)")
+        raise ValueError(f"algo.optim.anneal_lr=true and algo.optim.desired_kl={optim['desired_kl']} both set the "
+                         f"learning rate's schedule: keep one (set algo.optim.anneal_lr=false or "
+                         f"algo.optim.desired_kl=null)")
 
 
 def adapt_lr_to_kl(optimizer: torch.optim.Optimizer, kl: float, desired_kl: float) -> float:
@@ -87,7 +89,6 @@ def build_optimizer(param_groups: list[dict[str, Any]], optim: Mapping[str, Any]
     Each group remembers its lr relative to ``optim["lr"]`` (``lr_scale``), so ``set_lr`` moves
     every group by the same factor (a value head at its own lr keeps its ratio under annealing).
     """
-    check_optim(optim)
     base_lr = float(optim["lr"])
     for group in param_groups:
         group["lr_scale"] = group["lr"] / base_lr if base_lr else 1.0
