@@ -230,7 +230,6 @@ class PreferenceAlgorithm(abc.ABC):
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
         self.optim = cfg["optim"]
-        check_optim(self.optim)
         if self.optim.get("desired_kl") is not None:
             raise ValueError(f"algo.optim.desired_kl={self.optim['desired_kl']}: the KL-adaptive lr is for the "
                              f"embodied algorithms (ppo, grpo); {type(self).__name__} keeps its lr schedule "
