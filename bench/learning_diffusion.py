@@ -7,8 +7,9 @@
 Short mode (the default) runs each cell's preset for its iterations (16) on 3 seeds: is the
 gain beyond the seed spread? Long mode (``--budget-min M``) runs each cell's long preset
 (``LONG_PRESETS``: JPEG from the shipped base, prompt fidelity from the early base
-``diffusion_tiny_shapes_early``) for M minutes of wall time on one seed (``trainer.stop_when``
-on ``perf/elapsed_s``, ending on an evaluation), evaluating every ``--eval-every`` iterations;
+``diffusion_tiny_shapes_early``) for M minutes of wall time on one seed (``trainer.time_budget_s``:
+the run ends with a final evaluation, and a preset with ``algo.optim.anneal_lr`` anneals over the
+budget), evaluating every ``--eval-every`` iterations;
 it records reward, prompt fidelity, diversity and the log-ratio to the base against samples and
 wall time, writes bench/results/learning_diffusion_long.json, a plot of the curves beside it and
 the eval grids at 0/25/50/100% of the run in learning_diffusion_long_grids/.
@@ -173,10 +174,10 @@ def main_long(args: argparse.Namespace) -> None:
             budget_s = args.budget_min * 60
             overrides = [*preset, f"seed={seed}", f"trainer.eval_episodes={args.eval_images}",
                          f"trainer.eval_every={args.eval_every}", "trainer.total_steps=1000000",
-                         "trainer.checkpoint_every=0", *args.set]
+                         "trainer.checkpoint_every=0", f"trainer.time_budget_s={budget_s:g}", *args.set]
+            # The budget ends the run (a final evaluation) unless the preset's own stop condition
+            # (e.g. a fidelity floor) ends it first; an annealed lr reaches 0 at the budget.
             cfg = compose([*COMMON, *overrides])
-            # The budget joins the preset's own stop conditions (e.g. a fidelity floor).
-            cfg.trainer.stop_when = " or ".join(filter(None, [cfg.trainer.stop_when, f"perf/elapsed_s>={budget_s:g}"]))
             run_dir = root / f"{algo}_{reward}_seed{seed}"
             t0 = time.perf_counter()
             run(cfg, run_dir)
@@ -185,8 +186,10 @@ def main_long(args: argparse.Namespace) -> None:
             name = f"{algo}_{reward}"
             result = {"algo": algo, "reward": reward, "seed": seed, "preset": preset[0].split("=")[-1],
                       "overrides": overrides, "stop_when": cfg.trainer.stop_when, "budget_min": args.budget_min,
+                      "anneal_lr": bool(cfg.algo.optim.get("anneal_lr", False)),
                       "wall_s": time.perf_counter() - t0,
-                      "stopped": next((line for line in log_lines if "trainer.stop_when" in line), None),
+                      "stopped": next((line for line in log_lines
+                                       if "trainer.stop_when" in line or "trainer.time_budget_s" in line), None),
                       "iterations": curve[-1]["step"], "before": curve[0], "final": curve[-1],
                       "best_reward": max(curve[1:] or curve, key=lambda r: r["eval/reward"]),
                       "reached": reached(curve, reward), "train_means": train_summary(run_dir),

@@ -97,6 +97,11 @@ class TrainerConfig:
     # Stop early, with a checkpoint, once a logged metric crosses a bound: "eval/fidelity<0.8",
     # several joined by " or " ("eval/fidelity<0.8 or perf/elapsed_s>1800"); null: never.
     stop_when: str | None = field(default=None, metadata={"check": StopWhenCheck()})
+    # Wall-clock budget in seconds (iterations and evaluations, counted across resumes): the run
+    # ends at the first iteration that reaches it, as it would at total_steps (final evaluation,
+    # checkpoint), and algo.optim.anneal_lr anneals over whichever of the two ends the run first.
+    # Null: total_steps alone.
+    time_budget_s: float | None = checked(None, gt=0)
 
 
 @dataclass

@@ -195,9 +195,10 @@ class Algorithm(abc.ABC):
             return any(p.dtype in (torch.bfloat16, torch.float16) for p in policy.parameters())
         return bool(setting)
 
-    def learning_rate(self, step: int, total_steps: int) -> float:
-        """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr)."""
-        return annealed_lr(self.optim, step, total_steps)
+    def learning_rate(self, step: int, total_steps: int, time_share: float = 0.0) -> float:
+        """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr, over the
+        iterations or the share ``time_share`` of the run's wall-clock budget, whichever is further)."""
+        return annealed_lr(self.optim, step, total_steps, time_share)
 
 
 def rescore_old_logprobs(policy: ActionPolicy, batch: Batch, num_chunks: int) -> None:
@@ -319,9 +320,10 @@ class PreferenceAlgorithm(abc.ABC):
         result["train/skipped_nonfinite"] = float(stepper.skipped)
         return result
 
-    def learning_rate(self, step: int, total_steps: int) -> float:
-        """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr)."""
-        return annealed_lr(self.optim, step, total_steps)
+    def learning_rate(self, step: int, total_steps: int, time_share: float = 0.0) -> float:
+        """Learning rate at iteration ``step`` (linear annealing when optim.anneal_lr, over the
+        iterations or the share ``time_share`` of the run's wall-clock budget, whichever is further)."""
+        return annealed_lr(self.optim, step, total_steps, time_share)
 
     def state_dict(self) -> dict[str, Any]:
         """Controller-side state to checkpoint (e.g. DDPO's per-prompt statistics)."""

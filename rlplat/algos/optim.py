@@ -30,7 +30,8 @@ class OptimConfig:
     lr: float = checked(3e-4, gt=0)
     # Adam epsilon.
     eps: float = checked(1e-5, gt=0)
-    # Linearly anneal the learning rate to 0 over trainer.total_steps.
+    # Linearly anneal the learning rate to 0 over trainer.total_steps (or trainer.time_budget_s,
+    # whichever ends the run first).
     anneal_lr: bool = False
     # Adapt the learning rate to this approx KL per minibatch (rsl_rl's "adaptive" schedule, for
     # PPO / GRPO): after a minibatch whose KL to the rollout policy is above twice this the lr is
@@ -75,11 +76,13 @@ def adapt_lr_to_kl(optimizer: torch.optim.Optimizer, kl: float, desired_kl: floa
     return first["lr"] / first.get("lr_scale", 1.0)
 
 
-def annealed_lr(optim: Mapping[str, Any], step: int, total_steps: int) -> float:
-    """``optim["lr"]`` at iteration ``step``, decayed linearly to 0 at ``total_steps`` when ``optim["anneal_lr"]``."""
+def annealed_lr(optim: Mapping[str, Any], step: int, total_steps: int, time_share: float = 0.0) -> float:
+    """``optim["lr"]`` at iteration ``step``, decayed linearly to 0 at ``total_steps`` when ``optim["anneal_lr"]``;
+    ``time_share`` (the share of a wall-clock budget spent, ``trainer.time_budget_s``) decays it
+    instead when it is further along."""
     lr = float(optim["lr"])
     if optim.get("anneal_lr", False):
-        lr *= max(0.0, 1.0 - step / max(total_steps, 1))
+        lr *= max(0.0, 1.0 - max(step / max(total_steps, 1), float(time_share)))
     return lr
 
 

@@ -209,6 +209,10 @@ class Run:
         self.policy_groups: list[WorkerGroup] = []
         # Times the run's workers were recreated after one died (trainer.max_restarts).
         self.restarts = 0
+        # Wall time of the run before this process (from the resumed checkpoint) and the clock's
+        # start for this part (``elapsed``).
+        self.resumed_elapsed = 0.0
+        self.run_start = time.perf_counter()
         # The checkpoint to resume, when the caller has found and verified it already
         # (``validate``); None: ``restore_or_reset`` resolves ``cfg.resume`` itself.
         self.resume_from: Path | None = None
@@ -226,7 +230,8 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
-        """Trains for ``trainer.total_steps`` iterations; returns the last logged metrics.
+        """Trains for ``trainer.total_steps`` iterations, or until ``trainer.time_budget_s`` of wall
+        time (counted across resumes) is spent; returns the last logged metrics.
 
         ``trainer.stop_when`` ends the run earlier, with a checkpoint and (when that step had
         none) an evaluation, once one of its conditions holds on a step's metrics.
@@ -237,7 +242,9 @@ class Run:
         logger = collector.logger = RunLogger.from_config(self.cfg, self.run_dir, start)
         metrics: dict[str, Any] = {}
         conditions, unseen = parse_stop_when(tc.get("stop_when")), True
-        run_start = time.perf_counter()
+        budget = tc.get("time_budget_s")
+        # perf/elapsed_s continues from the checkpoint's on resume (the budget spans both parts).
+        self.run_start = time.perf_counter() - self.resumed_elapsed
         with StopSignals() as stop:
             try:
                 if start == 0 and tc.eval_at_start:
@@ -250,10 +257,13 @@ class Run:
                     self.sync_weights()
                     elapsed = time.perf_counter() - t0
                     metrics |= {**collector.progress(step, elapsed), "perf/iteration_s": elapsed,
-                                ELAPSED: time.perf_counter() - run_start}
+                                ELAPSED: self.elapsed()}
                     if self.restarts:
                         metrics["faults/restarts"] = self.restarts
-                    last = step == tc.total_steps
+                    last = step == tc.total_steps or (budget is not None and metrics[ELAPSED] >= budget)
+                    if last and step < tc.total_steps:
+                        say(self.run_dir, f"trainer.time_budget_s={budget:g} spent after step {step} of "
+                                          f"{tc.total_steps} ({metrics[ELAPSED]:.0f} s): final evaluation and checkpoint")
                     evaluated = last or bool(tc.eval_every and step % tc.eval_every == 0)
                     if evaluated:
                         metrics |= collector.evaluate(step, last)
@@ -271,7 +281,9 @@ class Run:
                                           f"{met} holds ({met.metric}={float(metrics[met.metric]):.4g}); checkpoint "
                                           f"written, {checkpoint.resume_command(self.run_dir)}")
                         break
-                    if stop.signum and not last:
+                    if last:
+                        break
+                    if stop.signum:
                         stop.exit(f"stopped after step {step} (checkpoint written); "
                                   f"{checkpoint.resume_command(self.run_dir)}")
             except Exception:
@@ -282,6 +294,10 @@ class Run:
                 logger.close()
         collector.report(metrics)
         return metrics
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far (``perf/elapsed_s``), the resumed part included."""
+        return time.perf_counter() - self.run_start
 
     @staticmethod
     def _warn_unlogged(conditions: list[StopCondition], metrics: dict[str, Any], step: int) -> bool:
@@ -294,7 +310,9 @@ class Run:
 
     def update(self, batch: Batch, step: int) -> dict[str, float]:
         """One algorithm update on the actor group; returns its metrics averaged over ranks."""
-        lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps)
+        budget = self.cfg.trainer.get("time_budget_s")
+        time_share = self.elapsed() / budget if budget else 0.0
+        lr = self.algo.learning_rate(step - 1, self.cfg.trainer.total_steps, time_share)
         metrics = {"train/lr": lr, **self.collector.batch_metrics(batch)}
         if not self.collector.has_signal(batch):
             log.info("nothing in this iteration's batch carries signal: update skipped")
@@ -321,6 +339,7 @@ class Run:
             for group in self.policy_groups:
                 group.save(str(tmp / checkpoint.POLICY))
             checkpoint.save_trainer_state(tmp, {"step": step, "controller_rng": checkpoint.capture_rng(),
+                                                "elapsed_s": self.elapsed(),
                                                 **self.collector.state_dict()})
             parts = {kind: str(self.cfg[kind]._target_) for kind in ("algo", "policy")}
             return checkpoint.commit(tmp, self.cfg.trainer.keep_last, parts)
@@ -337,6 +356,8 @@ class Run:
         if folder is None:
             return 0
         state = checkpoint.load_trainer_state(folder)
+        # Checkpoints written before the wall time was kept start their clock at 0.
+        self.resumed_elapsed = float(state.get("elapsed_s", 0.0))
         self.load_policy(folder)
         self.collector.load_state_dict(state, folder)
         checkpoint.restore_rng(state["controller_rng"])

@@ -87,3 +87,12 @@ def test_groups_keep_their_lr_ratio_under_set_lr():
     set_lr(optimizer, annealed_lr({"lr": 1e-4, "anneal_lr": True}, step=5, total_steps=10))
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-5, 5e-4])
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_annealing_follows_the_iterations_or_the_time_budget_whichever_is_further():
+    optim = {"lr": 1e-3, "anneal_lr": True}
+    assert annealed_lr(optim, step=2, total_steps=10) == pytest.approx(8e-4)
+    assert annealed_lr(optim, step=2, total_steps=10, time_share=0.5) == pytest.approx(5e-4)  # time is further
+    assert annealed_lr(optim, step=8, total_steps=10, time_share=0.5) == pytest.approx(2e-4)  # steps are further
+    assert annealed_lr(optim, step=2, total_steps=10, time_share=1.3) == 0.0  # past the budget: 0, never negative
+    assert annealed_lr({"lr": 1e-3}, step=8, total_steps=10, time_share=0.9) == 1e-3  # no anneal_lr: constant

@@ -283,6 +283,33 @@ def test_jpeg_run_logs_side_metrics_and_stop_when_ends_it_with_a_checkpoint(ray_
     assert (tmp_path / "wall/checkpoints/step_1").is_dir()
 
 
+def test_time_budget_ends_the_run_on_a_final_evaluation_anneals_the_lr_over_it_and_spans_a_resume(
+        ray_local, tiny_cache, tmp_path):
+    budget = 2.0
+    args = [*TINY, "preference=jpeg_compressibility", "algo=ddpo", "algo.batch_size=2", "algo.group_size=2",
+            "algo.num_minibatches=1", "policy.lora.r=4", "trainer.total_steps=100000", "trainer.eval_every=0",
+            "trainer.checkpoint_every=0", "algo.optim.anneal_lr=true", "algo.optim.lr=1e-3"]
+    run(compose([*args, f"trainer.time_budget_s={budget}"]), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    last = rows[-1]["step"]
+    # Ended at the first iteration past the budget, long before total_steps, with an evaluation and a checkpoint.
+    assert 1 <= last < 100000 and rows[-1]["perf/elapsed_s"] >= budget > rows[-2]["perf/elapsed_s"]
+    assert "eval/reward" in rows[-1] and all("eval/reward" not in r for r in rows[:-1])
+    assert (tmp_path / f"run/checkpoints/step_{last}").is_dir()
+    assert "trainer.time_budget_s=2 spent after step" in (tmp_path / "run/train.log").read_text()
+    # The lr falls with the share of the budget spent when the update starts (between the previous
+    # row's clock and this row's), not with the step count (~0 of 100000).
+    clock = [0.0] + [r["perf/elapsed_s"] for r in rows]
+    for row, before, after in zip(rows, clock, clock[1:]):
+        assert 1e-3 * (1 - after / budget) <= row["train/lr"] <= 1e-3 * (1 - before / budget)
+    # A resume with a larger budget continues the clock (and the annealing) where the checkpoint left it.
+    run(compose([*args, f"trainer.time_budget_s={2 * budget}", "resume=true"]), tmp_path / "run")
+    resumed = [r for r in read_metrics(tmp_path / "run/metrics.jsonl") if r["step"] > last]
+    assert resumed and resumed[0]["perf/elapsed_s"] > rows[-1]["perf/elapsed_s"]
+    assert resumed[0]["train/lr"] <= 1e-3 * (1 - rows[-1]["perf/elapsed_s"] / (2 * budget))
+    assert resumed[-1]["perf/elapsed_s"] >= 2 * budget
+
+
 @pytest.mark.parametrize("experiment", ["d3po_tiny_jpeg_long", "ddpo_tiny_jpeg_long", "d3po_tiny_shapes_early",
                                         "ddpo_tiny_shapes_early"])
 def test_long_bench_presets_compose_and_pass_the_checks(experiment):
