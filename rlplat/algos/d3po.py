@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rlplat.algos.base import STEP_WEIGHTS, PreferenceAlgorithm
-from rlplat.algos.ddpo import without_final_steps
+from rlplat.algos.ddpo import trained_steps
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.registry import checked, register
@@ -135,6 +135,10 @@ class D3POConfig:
     # Denoising steps nearest the image that get no update (0: every step trains). The last DDIM
     # step has the smallest std, so its ratio leaves the clip band first.
     skip_final_steps: int = checked(0, ge=0)
+    # Denoising steps nearest the noise that get no update (0: every step trains): those steps lay
+    # the image out (which shapes, where), so skipping them leaves the layout to the base model
+    # and tunes only how it is rendered.
+    skip_initial_steps: int = checked(0, ge=0)
     # Loss weight of each denoising step: uniform (the paper's) or output_scale (divided by how
     # strongly the step's log-prob responds to the model output, so the low-noise steps near the
     # image stop drowning out the ones that place shapes: rlplat.algos.base.step_weights).
@@ -172,7 +176,7 @@ class D3PO(PreferenceAlgorithm):
 
     def update(self, policy: Any, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
                *args: Any, **kwargs: Any) -> dict[str, float]:
-        batch = without_final_steps(batch, int(self.cfg.get("skip_final_steps", 0)))
+        batch = trained_steps(batch, int(self.cfg.get("skip_initial_steps", 0)), int(self.cfg.get("skip_final_steps", 0)))
         return super().update(policy, optimizer, batch, generator, *args, **kwargs)
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -98,20 +98,22 @@ def ddpo_step_loss(
     return loss, metrics
 
 
-def without_final_steps(batch: Batch, n: int) -> Batch:
-    """``batch`` with its last ``n`` denoising steps cut from every per-step field ([B, T, ...],
-    T = ``timesteps``' second dim), so those steps get no update; ``n`` = 0 returns it as is."""
-    if n <= 0:
+def trained_steps(batch: Batch, initial: int = 0, final: int = 0) -> Batch:
+    """``batch`` without its first ``initial`` and last ``final`` denoising steps in every per-step
+    field ([B, T, ...], T = ``timesteps``' second dim), so those steps get no update; both 0
+    returns it as is. The first steps lay the image out (what is drawn where), the last ones
+    render its fine detail (edges, texture)."""
+    if initial <= 0 and final <= 0:
         return batch
     steps = batch["timesteps"].shape[1]
-    if n >= steps:
-        raise ValueError(f"algo.skip_final_steps={n} leaves none of the {steps} denoising steps (policy.num_steps) "
-                         f"to train: use 0 to {steps - 1}")
+    if initial + final >= steps:
+        raise ValueError(f"algo.skip_initial_steps={initial} + algo.skip_final_steps={final} leave none of the "
+                         f"{steps} denoising steps (policy.num_steps) to train: together they must be at most {steps - 1}")
     out = batch.select(*batch.keys())
     for key in batch:
         value = batch[key]
         if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] == steps:
-            out[key] = value[:, : steps - n]
+            out[key] = value[:, initial : steps - final]
     return out
 
 
@@ -148,6 +150,10 @@ class DDPOConfig:
     # Denoising steps nearest the image that get no update (0: every step trains). The last DDIM
     # step has the smallest std, so its log-ratio moves most per weight change.
     skip_final_steps: int = checked(0, ge=0)
+    # Denoising steps nearest the noise that get no update (0: every step trains): those steps lay
+    # the image out (which shapes, where), so skipping them leaves the layout to the base model
+    # and tunes only how it is rendered.
+    skip_initial_steps: int = checked(0, ge=0)
     # Loss weight of each denoising step: uniform (the paper's) or output_scale (divided by how
     # strongly the step's log-prob responds to the model output, so the low-noise steps near the
     # image stop drowning out the ones that place shapes: rlplat.algos.base.step_weights).
@@ -196,7 +202,7 @@ class DDPO(PreferenceAlgorithm):
 
     def update(self, policy: Any, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
                *args: Any, **kwargs: Any) -> dict[str, float]:
-        batch = without_final_steps(batch, int(self.cfg.get("skip_final_steps", 0)))
+        batch = trained_steps(batch, int(self.cfg.get("skip_initial_steps", 0)), int(self.cfg.get("skip_final_steps", 0)))
         return super().update(policy, optimizer, batch, generator, *args, **kwargs)
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

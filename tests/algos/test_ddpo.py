@@ -112,17 +112,22 @@ def test_ddpo_skips_kl_to_base_without_an_adapter():
     assert metrics["kl_to_base"].item() == pytest.approx(0.5)
 
 
-def test_without_final_steps_cuts_every_per_step_field_and_keeps_the_rest():
-    from rlplat.algos.ddpo import without_final_steps
+def test_trained_steps_cuts_every_per_step_field_and_keeps_the_rest():
+    from rlplat.algos.ddpo import trained_steps
 
     batch = Batch({"latents": torch.arange(12.0).reshape(2, 3, 2), "timesteps": torch.tensor([[9, 5, 1]] * 2),
                    "logprobs": torch.tensor([[0.1, 0.2, 0.3]] * 2), "advantages": torch.tensor([1.0, -1.0])},
                   extras={"prompts": ["a", "b"]})
-    cut = without_final_steps(batch, 1)
+    cut = trained_steps(batch, final=1)
     assert cut["timesteps"].tolist() == [[9, 5]] * 2 and cut["latents"].shape == (2, 2, 2)
     assert torch.equal(cut["latents"], batch["latents"][:, :2]) and torch.equal(cut["logprobs"], batch["logprobs"][:, :2])
     assert torch.equal(cut["advantages"], batch["advantages"]) and list(cut["prompts"]) == ["a", "b"]
     assert batch["latents"].shape == (2, 3, 2)  # the input is left as it was
-    assert without_final_steps(batch, 0) is batch
-    with pytest.raises(ValueError, match=r"algo.skip_final_steps=3 leaves none of the 3 denoising steps"):
-        without_final_steps(batch, 3)
+    first = trained_steps(batch, initial=1)  # the layout steps (nearest the noise) cut instead
+    assert first["timesteps"].tolist() == [[5, 1]] * 2 and torch.equal(first["latents"], batch["latents"][:, 1:])
+    assert trained_steps(batch, initial=1, final=1)["timesteps"].tolist() == [[5]] * 2
+    assert trained_steps(batch, 0, 0) is batch
+    with pytest.raises(ValueError, match=r"algo.skip_initial_steps=0 \+ algo.skip_final_steps=3 leave none of the 3"):
+        trained_steps(batch, final=3)
+    with pytest.raises(ValueError, match=r"algo.skip_initial_steps=2 \+ algo.skip_final_steps=1 leave none"):
+        trained_steps(batch, initial=2, final=1)
