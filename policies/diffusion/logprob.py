@@ -71,6 +71,38 @@ def ddim_step_with_logprob(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} must be one of {REDUCTIONS}")
+    x0, eps, a_t, a_prev, t, prev_t = _step_predictions(scheduler, model_output, timestep, sample)
+    b_t = 1 - a_t
+    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+    if bool((std <= 0).any()):
+        raise ValueError(
+            f"timestep {t.tolist()} -> {prev_t.tolist()} has zero DDIM variance (alpha_prev == alpha_t), so the "
+            f"step is deterministic and has no log-probability; use steps_offset=1 as Stable Diffusion's "
+            f"scheduler config does, or set_alpha_to_one=True"
+        )
+    # With a zero-terminal-SNR schedule (alpha_T = 0) and eta = 1 the first step's direction
+    # weight is exactly 0 and may round below it: clamp it (diffusers' scheduler.step gives a NaN).
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+
+    if prev_sample is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        prev_sample = mean + std * noise
+    action = prev_sample.detach().float()
+    std32 = std.float()
+    log_prob = -((action - mean.float()) ** 2) / (2 * std32**2) - torch.log(std32) - 0.5 * math.log(2 * math.pi)
+    log_prob = log_prob.expand_as(action)
+    dims = tuple(range(1, action.ndim))
+    log_prob = log_prob.mean(dim=dims) if reduction == "mean" else log_prob.sum(dim=dims)
+    return prev_sample.to(sample.dtype), log_prob
+
+
+def _step_predictions(scheduler: Any, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor
+                      ) -> tuple[torch.Tensor, ...]:
+    """``(x0_hat, eps_hat, a_t, a_prev, t, prev_t)`` of the DDIM step from ``timestep``, as
+    ``scheduler.step`` computes them (prediction type, clipping / thresholding, final alpha)."""
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("the scheduler has no timesteps: call scheduler.set_timesteps(num_inference_steps) first")
     config = scheduler.config
@@ -99,31 +131,15 @@ def ddim_step_with_logprob(
         x0 = scheduler._threshold_sample(x0)
     elif config.clip_sample:
         x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    return x0, eps, a_t, a_prev, t, prev_t
 
-    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
-    std = eta * variance.sqrt()
-    if bool((std <= 0).any()):
-        raise ValueError(
-            f"timestep {t.tolist()} -> {prev_t.tolist()} has zero DDIM variance (alpha_prev == alpha_t), so the "
-            f"step is deterministic and has no log-probability; use steps_offset=1 as Stable Diffusion's "
-            f"scheduler config does, or set_alpha_to_one=True"
-        )
-    # With a zero-terminal-SNR schedule (alpha_T = 0) and eta = 1 the first step's direction
-    # weight is exactly 0 and may round below it: clamp it (diffusers' scheduler.step gives a NaN).
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
 
-    if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev_sample = mean + std * noise
-    action = prev_sample.detach().float()
-    std32 = std.float()
-    log_prob = -((action - mean.float()) ** 2) / (2 * std32**2) - torch.log(std32) - 0.5 * math.log(2 * math.pi)
-    log_prob = log_prob.expand_as(action)
-    dims = tuple(range(1, action.ndim))
-    log_prob = log_prob.mean(dim=dims) if reduction == "mean" else log_prob.sum(dim=dims)
-    return prev_sample.to(sample.dtype), log_prob
+def ddim_step_deterministic(scheduler: Any, model_output: torch.Tensor, timestep: int | torch.Tensor,
+                            sample: torch.Tensor) -> torch.Tensor:
+    """x_{t-1} of the deterministic DDIM step (eta = 0: ``sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps_hat``),
+    equal to ``scheduler.step(..., eta=0)``; it has no log-probability."""
+    x0, eps, _, a_prev, _, _ = _step_predictions(scheduler, model_output, timestep, sample)
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
 
 def ddim_output_scale(scheduler: Any, timestep: int | torch.Tensor, eta: float) -> torch.Tensor:

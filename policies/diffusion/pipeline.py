@@ -31,7 +31,12 @@ from rlplat.batch import Batch
 from rlplat.policies.base import DiffusionPolicy
 from rlplat.policies.cache import build_once, cached_folder
 from rlplat.policies.diffusion.config import find_diffusion_dir
-from rlplat.policies.diffusion.logprob import ddim_output_scale, ddim_step_with_logprob, prediction_target
+from rlplat.policies.diffusion.logprob import (
+    ddim_output_scale,
+    ddim_step_deterministic,
+    ddim_step_with_logprob,
+    prediction_target,
+)
 from rlplat.policies.lora import lora_rank, peft_lora_config
 
 _TINY_BUILD_VERSION = 3
@@ -327,7 +332,7 @@ class TextToImagePolicy(DiffusionPolicy):
     @torch.no_grad()
     def sample_trajectory(
         self, prompts: Sequence[str], generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | None = None, sde_step: int | None = None,
     ) -> Batch:
         """Samples images for ``prompts`` and records the DDIM trajectory.
 
@@ -335,7 +340,14 @@ class TextToImagePolicy(DiffusionPolicy):
         ``next_latents`` [B, T, C, h, w] (x_{t-1}), ``timesteps`` [B, T], ``logprobs`` [B, T],
         ``images`` uint8 [B, H, W, 3] and ``prompts`` (extras). ``latents`` given: start from
         that x_T (e.g. shared by the two samples of a D3PO pair).
+
+        ``sde_step`` given: only that step (an index into the T steps) draws noise (with the
+        policy's eta); every other step is the deterministic DDIM step (eta = 0, log-prob 0), so
+        samples from one x_T agree up to that step and differ by its noise alone. The batch then
+        also holds ``sde_step`` [B].
         """
+        if sde_step is not None and not 0 <= sde_step < self.num_steps:
+            raise ValueError(f"sde_step={sde_step} is not a step index of the {self.num_steps} steps (policy.num_steps)")
         g = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""] * len(prompts)) if g != 1.0 else None
@@ -344,21 +356,28 @@ class TextToImagePolicy(DiffusionPolicy):
                                   device=torch.device("cpu")).to(self._device, self.unet.dtype)
         x = latents.to(self._device, self.unet.dtype) * self.scheduler.init_noise_sigma
         before, after, logps = [], [], []
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             noise = self.predict_noise(x, t, cond, uncond, g)
-            x_prev, logp = ddim_step_with_logprob(self.scheduler, noise, t, x, self.eta, generator=generator,
-                                                  reduction=self.reduction)
+            if sde_step is None or i == sde_step:
+                x_prev, logp = ddim_step_with_logprob(self.scheduler, noise, t, x, self.eta, generator=generator,
+                                                      reduction=self.reduction)
+            else:
+                x_prev = ddim_step_deterministic(self.scheduler, noise, t, x)
+                logp = torch.zeros(len(prompts), device=x.device)
             before.append(x)
             after.append(x_prev)
             logps.append(logp)
             x = x_prev
         steps = len(self.scheduler.timesteps)
+        fields = {
+            "latents": torch.stack(before, 1).cpu(), "next_latents": torch.stack(after, 1).cpu(),
+            "timesteps": self.scheduler.timesteps.reshape(1, steps).expand(len(prompts), steps).clone(),
+            "logprobs": torch.stack(logps, 1).cpu(), "images": torch.as_tensor(self.latents_to_images(x)),
+        }
+        if sde_step is not None:
+            fields["sde_step"] = torch.full((len(prompts),), int(sde_step), dtype=torch.int64)
         return Batch(
-            {
-                "latents": torch.stack(before, 1).cpu(), "next_latents": torch.stack(after, 1).cpu(),
-                "timesteps": self.scheduler.timesteps.reshape(1, steps).expand(len(prompts), steps).clone(),
-                "logprobs": torch.stack(logps, 1).cpu(), "images": torch.as_tensor(self.latents_to_images(x)),
-            },
+            fields,
             extras={"prompts": list(prompts)},
             meta={"guidance_scale": g, "eta": self.eta, "reduction": self.reduction},
         )

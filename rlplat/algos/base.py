@@ -325,12 +325,54 @@ class PreferenceAlgorithm(abc.ABC):
         iterations or the share ``time_share`` of the run's wall-clock budget, whichever is further)."""
         return annealed_lr(self.optim, step, total_steps, time_share)
 
+    def branch_step(self, rng: np.random.Generator, num_steps: int) -> int | None:
+        """With ``algo.branch``: the denoising step (index) at which this iteration's samples draw
+        their noise, uniform over the trainable steps (``skip_initial_steps`` and ``skip_final_steps``
+        excluded); every other step is deterministic, so samples that share x_T differ by that
+        step's noise alone and their scores credit it (branching credit assignment, as in
+        TempFlow-GRPO / BranchGRPO). None without ``algo.branch`` (noise at every step)."""
+        if not self.cfg.get("branch", False):
+            return None
+        first, last = int(self.cfg.get("skip_initial_steps", 0)), num_steps - int(self.cfg.get("skip_final_steps", 0))
+        if last <= first:
+            raise ValueError(f"algo.skip_initial_steps + algo.skip_final_steps leave none of the {num_steps} "
+                             f"denoising steps (policy.num_steps) to branch at")
+        return int(rng.integers(first, last))
+
+    def trained_part(self, batch: Batch) -> Batch:
+        """The denoising steps of ``batch`` that train: the branch step (``algo.branch``: the batch
+        holds ``sde_step``), else all but ``skip_initial_steps`` and ``skip_final_steps``."""
+        steps = batch["timesteps"].shape[1]
+        if "sde_step" in batch:
+            k = int(batch["sde_step"][0])
+            return trained_steps(batch, k, steps - 1 - k)
+        return trained_steps(batch, int(self.cfg.get("skip_initial_steps", 0)), int(self.cfg.get("skip_final_steps", 0)))
+
     def state_dict(self) -> dict[str, Any]:
         """Controller-side state to checkpoint (e.g. DDPO's per-prompt statistics)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores ``state_dict``."""
+
+
+def trained_steps(batch: Batch, initial: int = 0, final: int = 0) -> Batch:
+    """``batch`` without its first ``initial`` and last ``final`` denoising steps in every per-step
+    field ([B, T, ...], T = ``timesteps``' second dim), so those steps get no update; both 0
+    returns it as is. The first steps lay the image out (what is drawn where), the last ones
+    render its fine detail (edges, texture)."""
+    if initial <= 0 and final <= 0:
+        return batch
+    steps = batch["timesteps"].shape[1]
+    if initial + final >= steps:
+        raise ValueError(f"algo.skip_initial_steps={initial} + algo.skip_final_steps={final} leave none of the "
+                         f"{steps} denoising steps (policy.num_steps) to train: together they must be at most {steps - 1}")
+    out = batch.select(*batch.keys())
+    for key in batch:
+        value = batch[key]
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] == steps:
+            out[key] = value[:, initial : steps - final]
+    return out
 
 
 def _output_scale_weights(policy: Any, timesteps: torch.Tensor) -> torch.Tensor:

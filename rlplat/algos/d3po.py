@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from rlplat.algos.base import STEP_WEIGHTS, PreferenceAlgorithm
-from rlplat.algos.ddpo import trained_steps
 from rlplat.algos.optim import OptimConfig
 from rlplat.batch import Batch
 from rlplat.registry import checked, register
@@ -72,6 +71,8 @@ def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.n
         return w[rows], l_[rows]
 
     fields: dict[str, torch.Tensor] = {"timesteps": first["timesteps"][rows]}
+    if "sde_step" in first:  # algo.branch: the step both samples drew noise at
+        fields["sde_step"] = first["sde_step"][rows]
     for key in ("latents", "next_latents", "logprobs"):
         fields[f"w_{key}"], fields[f"l_{key}"] = order(key)
     return Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
@@ -143,6 +144,10 @@ class D3POConfig:
     # strongly the step's log-prob responds to the model output, so the low-noise steps near the
     # image stop drowning out the ones that place shapes: rlplat.algos.base.step_weights).
     step_weight: str = checked("uniform", choices=tuple(STEP_WEIGHTS))
+    # Draw each iteration's pairs along the deterministic DDIM path except at one random step (of
+    # the trainable ones) and train that step only: a pair then differs by that step's noise
+    # alone, so its label credits that step (rlplat.algos.base.PreferenceAlgorithm.branch_step).
+    branch: bool = False
     # DPO temperature beta.
     beta: float = checked(0.1, gt=0)
     # Half-width of the clipped ratio band.
@@ -176,8 +181,7 @@ class D3PO(PreferenceAlgorithm):
 
     def update(self, policy: Any, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
                *args: Any, **kwargs: Any) -> dict[str, float]:
-        batch = trained_steps(batch, int(self.cfg.get("skip_initial_steps", 0)), int(self.cfg.get("skip_final_steps", 0)))
-        return super().update(policy, optimizer, batch, generator, *args, **kwargs)
+        return super().update(policy, optimizer, self.trained_part(batch), generator, *args, **kwargs)
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return d3po_step_loss(policy, mb, step, float(self.cfg["beta"]), float(self.cfg["clip_coef"]),

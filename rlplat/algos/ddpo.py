@@ -98,25 +98,6 @@ def ddpo_step_loss(
     return loss, metrics
 
 
-def trained_steps(batch: Batch, initial: int = 0, final: int = 0) -> Batch:
-    """``batch`` without its first ``initial`` and last ``final`` denoising steps in every per-step
-    field ([B, T, ...], T = ``timesteps``' second dim), so those steps get no update; both 0
-    returns it as is. The first steps lay the image out (what is drawn where), the last ones
-    render its fine detail (edges, texture)."""
-    if initial <= 0 and final <= 0:
-        return batch
-    steps = batch["timesteps"].shape[1]
-    if initial + final >= steps:
-        raise ValueError(f"algo.skip_initial_steps={initial} + algo.skip_final_steps={final} leave none of the "
-                         f"{steps} denoising steps (policy.num_steps) to train: together they must be at most {steps - 1}")
-    out = batch.select(*batch.keys())
-    for key in batch:
-        value = batch[key]
-        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] == steps:
-            out[key] = value[:, initial : steps - final]
-    return out
-
-
 # algo.advantage -> (algo, prompts, scores [B]) -> advantages [B]: normalised within the group_size
 # samples of each prompt (GRPO for diffusion) or by the prompt's running statistics (DDPO).
 ADVANTAGES = {
@@ -158,6 +139,10 @@ class DDPOConfig:
     # strongly the step's log-prob responds to the model output, so the low-noise steps near the
     # image stop drowning out the ones that place shapes: rlplat.algos.base.step_weights).
     step_weight: str = checked("uniform", choices=tuple(STEP_WEIGHTS))
+    # Draw each iteration's samples along the deterministic DDIM path except at one random step
+    # (of the trainable ones), from one x_T per prompt, and train that step only: the group's
+    # differences are then that step's doing (rlplat.algos.base.PreferenceAlgorithm.branch_step).
+    branch: bool = False
     # Clip range of the step ratio (tiny: log-probs are means over elements).
     clip_coef: float = checked(1e-4, gt=0)
     # Advantages are clipped to +- this.
@@ -183,6 +168,8 @@ class DDPO(PreferenceAlgorithm):
             raise ValueError(f"algo.advantage={cfg['advantage']!r} must be one of {tuple(ADVANTAGES)}")
         self.advantages = ADVANTAGES[cfg["advantage"]]
         self.samples_per_prompt = int(cfg["group_size"])
+        # algo.branch: a group shares x_T, so its differences are the branch step's noise alone.
+        self.share_noise = bool(cfg.get("branch", False))
         if cfg["advantage"] == "group" and self.samples_per_prompt < 2:
             raise ValueError(f"algo.advantage=group needs algo.group_size >= 2 (got {self.samples_per_prompt}): "
                              f"a group of one image has no baseline")
@@ -202,8 +189,7 @@ class DDPO(PreferenceAlgorithm):
 
     def update(self, policy: Any, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
                *args: Any, **kwargs: Any) -> dict[str, float]:
-        batch = trained_steps(batch, int(self.cfg.get("skip_initial_steps", 0)), int(self.cfg.get("skip_final_steps", 0)))
-        return super().update(policy, optimizer, batch, generator, *args, **kwargs)
+        return super().update(policy, optimizer, self.trained_part(batch), generator, *args, **kwargs)
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Without an adapter there is no base to compare with: kl_to_base is not measured.

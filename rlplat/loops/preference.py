@@ -191,20 +191,25 @@ class OnlinePreferenceCollector(Collector):
         noise = self.rng.integers(0, 2**31 - 1, size=len(prompts))
         if self.algo.share_noise:
             noise = np.repeat(noise[::k], k)
-        traj = self.generate(prompts, noise, int(self.rng.integers(2**31 - 1)))
+        # algo.branch: this iteration's samples draw noise at one step only (None: at every step).
+        sde_step = self.algo.branch_step(self.rng, int(self.cfg.policy.num_steps))
+        traj = self.generate(prompts, noise, int(self.rng.integers(2**31 - 1)), sde_step=sde_step)
         scores = self.source.score(traj["images"].numpy(), prompts)
         self.samples += len(prompts)
         self._rows = len(prompts)
         batch, metrics = self.algo.prepare(traj, scores, self.source, self.rng)
+        if sde_step is not None:
+            metrics = {**metrics, "branch/step": float(sde_step)}
         return batch, {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()), **metrics}
 
     def generate(self, prompts: list[str], noise_seeds: np.ndarray, seed: int,
-                 guidance_scale: float | None = None) -> Batch:
-        """Trajectories for ``prompts`` from x_T drawn with ``noise_seeds`` (one per prompt)."""
+                 guidance_scale: float | None = None, sde_step: int | None = None) -> Batch:
+        """Trajectories for ``prompts`` from x_T drawn with ``noise_seeds`` (one per prompt);
+        ``sde_step``: the one denoising step that draws noise (None: every step)."""
         requests = Batch({"noise_seed": torch.as_tensor(np.asarray(noise_seeds, np.int64)),
                           "seed": torch.full((len(prompts),), seed, dtype=torch.int64)},
                          extras={"prompts": list(prompts)})
-        return self.rollout.generate(requests, guidance_scale)
+        return self.rollout.generate(requests, guidance_scale, sde_step)
 
     def evaluate(self, step: int, last: bool = False) -> dict[str, float]:
         """Scores ``trainer.eval_episodes`` images of the held-out prompts, same seeds every time.

@@ -57,12 +57,13 @@ class DiffusionWorker(TrainedWeights, Worker):
 
     # ----------------------------------------------------------------- rollout role
     @register(Dispatch.SHARD_BY_BATCH)
-    def generate(self, requests: Batch, guidance_scale: float | None = None) -> Batch:
+    def generate(self, requests: Batch, guidance_scale: float | None = None, sde_step: int | None = None) -> Batch:
         """Samples one trajectory per request row.
 
         ``requests`` holds ``prompts`` (extras), ``noise_seed`` (x_T is drawn from it, so rows with
         equal seeds start from the same noise, whatever worker they land on) and ``seed`` (the
-        DDIM step noise of the shard is drawn from its first row's seed).
+        DDIM step noise of the shard is drawn from its first row's seed). ``sde_step``: the one
+        denoising step that draws noise (``TextToImagePolicy.sample_trajectory``); None: every step.
         """
         self.policy.eval()
         latents = torch.stack([
@@ -73,7 +74,7 @@ class DiffusionWorker(TrainedWeights, Worker):
         prompts, size = list(requests["prompts"]), self.policy.sample_batch_size
         return Batch.concat([
             self.policy.sample_trajectory(prompts[i:i + size], generator=step_noise, latents=latents[i:i + size],
-                                          guidance_scale=guidance_scale)
+                                          guidance_scale=guidance_scale, sde_step=sde_step)
             for i in range(0, len(prompts), size)
         ])
 

@@ -214,3 +214,39 @@ def test_unknown_step_weight_is_refused_naming_the_field():
 
     with pytest.raises(ValueError, match="algo.step_weight"):
         step_weights(None, torch.arange(3), "snr")
+
+
+def test_branch_draws_a_trainable_step_and_the_update_trains_that_step_only():
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from rlplat.algos.d3po import D3PO, D3POConfig, order_pairs
+    from rlplat.algos.ddpo import DDPO, DDPOConfig
+    from rlplat.batch import Batch
+
+    def d3po(**cfg):
+        return D3PO(**{**asdict(D3POConfig()), **cfg})
+
+    rng = np.random.default_rng(0)
+    assert d3po().branch_step(rng, 10) is None  # off: noise at every step
+    branching = d3po(branch=True, skip_initial_steps=2, skip_final_steps=3)
+    assert branching.share_noise
+    assert sorted({branching.branch_step(rng, 10) for _ in range(200)}) == [2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="leave none of the 5 denoising steps"):
+        branching.branch_step(rng, 5)
+    # A GRPO group shares x_T only when branching (its differences are then the branch step's).
+    assert not DDPO(**asdict(DDPOConfig())).share_noise
+    assert DDPO(**{**asdict(DDPOConfig()), "branch": True}).share_noise
+
+    # The pairs keep the branch step, and the update sees that step alone.
+    traj = Batch({"latents": torch.arange(8.0).reshape(2, 4, 1), "next_latents": torch.arange(8.0).reshape(2, 4, 1) + 1,
+                  "logprobs": torch.zeros(2, 4), "timesteps": torch.tensor([[999, 666, 333, 0]] * 2),
+                  "sde_step": torch.tensor([1, 1])}, extras={"prompts": ["a", "a"]})
+    pairs = order_pairs(traj[0::2], traj[1::2], np.array([True]), np.array([True]))
+    assert pairs["sde_step"].tolist() == [1]
+    part = branching.trained_part(pairs)
+    assert part["timesteps"].tolist() == [[666]] and part["w_latents"].tolist() == [[[1.0]]]
+    # Without a branch step the skip settings decide.
+    unbranched = pairs.select(*(key for key in pairs.keys() if key != "sde_step"))
+    assert d3po(skip_initial_steps=1).trained_part(unbranched)["timesteps"].tolist() == [[666, 333, 0]]

@@ -113,7 +113,7 @@ def test_ddpo_skips_kl_to_base_without_an_adapter():
 
 
 def test_trained_steps_cuts_every_per_step_field_and_keeps_the_rest():
-    from rlplat.algos.ddpo import trained_steps
+    from rlplat.algos.base import trained_steps
 
     batch = Batch({"latents": torch.arange(12.0).reshape(2, 3, 2), "timesteps": torch.tensor([[9, 5, 1]] * 2),
                    "logprobs": torch.tensor([[0.1, 0.2, 0.3]] * 2), "advantages": torch.tensor([1.0, -1.0])},

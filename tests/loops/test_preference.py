@@ -283,6 +283,18 @@ def test_jpeg_run_logs_side_metrics_and_stop_when_ends_it_with_a_checkpoint(ray_
     assert (tmp_path / "wall/checkpoints/step_1").is_dir()
 
 
+@pytest.mark.parametrize("algo", ["d3po", "ddpo"])
+def test_branch_runs_train_one_drawn_step_per_iteration(ray_local, tiny_cache, tmp_path, algo):
+    cfg = compose([*TINY, "preference=jpeg_compressibility", f"algo={algo}", "algo.batch_size=2",
+                   "algo.num_minibatches=1", "policy.lora.r=4", "policy.num_steps=4", "trainer.total_steps=3",
+                   "trainer.eval_every=0", "trainer.checkpoint_every=0", "algo.branch=true",
+                   "algo.skip_initial_steps=1", *(["algo.group_size=2"] if algo == "ddpo" else [])])
+    run(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert len(rows) == 3 and all(1 <= r["branch/step"] <= 3 for r in rows)  # never the skipped first step
+    assert all(np.isfinite(r["train/loss"]) and r["train/minibatches"] == 1 for r in rows)
+
+
 def test_time_budget_ends_the_run_on_a_final_evaluation_anneals_the_lr_over_it_and_spans_a_resume(
         ray_local, tiny_cache, tmp_path):
     budget = 2.0

@@ -55,6 +55,37 @@ def test_trajectory_shapes_and_rescored_logprobs_match(cache):
     assert not torch.equal(pair["next_latents"][0, -1], pair["next_latents"][1, -1])
 
 
+def test_sde_step_draws_noise_at_that_step_only(cache):
+    from diffusers import DDIMScheduler
+
+    policy = make(cache, guidance_scale=2.0)
+    x_T = torch.randn(1, 12, 8, 8).expand(3, -1, -1, -1)
+    traj = policy.sample_trajectory(["a red circle"] * 3, latents=x_T, generator=torch.Generator().manual_seed(1),
+                                    sde_step=2)
+    assert traj["sde_step"].tolist() == [2, 2, 2]
+    # One x_T: the three samples agree up to step 2's input and part at its noise.
+    assert torch.equal(traj["latents"][0, :3], traj["latents"][1, :3]) and torch.equal(traj["latents"][0, :3],
+                                                                                           traj["latents"][2, :3])
+    assert not torch.equal(traj["next_latents"][0, 2], traj["next_latents"][1, 2])
+    # Only the branch step has a log-prob, and it rescores to the recorded one; the others are the
+    # deterministic DDIM step (diffusers' scheduler.step with eta=0).
+    assert (traj["logprobs"][:, [0, 1, 3]] == 0).all() and (traj["logprobs"][:, 2] != 0).all()
+    logp = policy.step_logprob(traj["latents"][:, 2], traj["next_latents"][:, 2], traj["timesteps"][:, 2],
+                               list(traj["prompts"]))
+    torch.testing.assert_close(logp, traj["logprobs"][:, 2], rtol=1e-4, atol=1e-4)
+    reference = DDIMScheduler.from_config(policy.scheduler.config)
+    reference.set_timesteps(4)
+    with torch.no_grad():
+        cond, uncond = policy.encode_prompts(["a red circle"]), policy.encode_prompts([""])
+        for k in (0, 3):
+            x, t = traj["latents"][:1, k], traj["timesteps"][0, k]
+            out = policy.predict_noise(x, t, cond, uncond, 2.0)
+            expected = reference.step(out, t, x, eta=0.0).prev_sample
+            torch.testing.assert_close(traj["next_latents"][:1, k], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sde_step=4 is not a step index of the 4 steps"):
+        policy.sample_trajectory(["a red circle"], sde_step=4)
+
+
 def test_step_logprob_has_gradients_and_images_round_trip(cache):
     policy = make(cache, guidance_scale=1.0)
     traj = policy.sample_trajectory(["a green triangle"], generator=torch.Generator().manual_seed(2))
