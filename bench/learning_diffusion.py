@@ -3,6 +3,7 @@
     python bench/learning_diffusion.py                                  # short: 2 algos x 2 rewards x seeds 0 1 2
     python bench/learning_diffusion.py --seeds 0 --steps 4 --eval-images 16   # a quick look
     python bench/learning_diffusion.py --budget-min 30                  # long: 30 min of wall time per cell, 1 seed
+    python bench/learning_diffusion.py --merge a.json b.json            # join long-mode cells run side by side
 
 Short mode (the default) runs each cell's preset for its iterations (16) on 3 seeds: is the
 gain beyond the seed spread? Long mode (``--budget-min M``) runs each cell's long preset
@@ -201,12 +202,54 @@ def main_long(args: argparse.Namespace) -> None:
             print(f"{algo} {reward} ({result['preset']}): {curve[0]['eval/reward']:.4f} -> {final['eval/reward']:.4f} "
                   f"in {final.get('perf/elapsed_s', 0) / 60:.1f} min, {result['iterations']} iterations, fidelity "
                   f"{fidelity[0]:.3f} -> {fidelity[1]:.3f}; target {result['reached']}", flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
             settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            # Written after every cell, so a long session keeps what finished.
-            out.write_text(json.dumps({"mode": "long", "settings": settings, "common": COMMON, "presets": LONG_PRESETS,
-                                       "targets": TARGETS, "fidelity_floor": FIDELITY_FLOOR, "runs": runs}, indent=2))
-            plot_long(runs, out.with_suffix(".png"))
+            write_long(out, settings, runs)  # after every cell, so a long session keeps what finished
+    print_long(runs, out, grids)
+
+
+def write_long(out: Path, settings: dict[str, Any], runs: list[dict]) -> None:
+    """The long-mode JSON and its plot."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"mode": "long", "settings": settings, "common": COMMON, "presets": LONG_PRESETS,
+                               "targets": TARGETS, "fidelity_floor": FIDELITY_FLOOR, "runs": runs}, indent=2))
+    plot_long(runs, out.with_suffix(".png"))
+
+
+def merge_long(files: list[Path], out: Path) -> None:
+    """Joins long-mode results of invocations run side by side (e.g. one cell per core) into
+    ``out`` with their grids; refused unless they ran the same settings (cells, evaluation cadence
+    and ``--set`` aside: each run keeps its own ``overrides``) and each cell once."""
+    records = [json.loads(f.read_text()) for f in files]
+    for f, record in zip(files, records, strict=True):
+        if record.get("mode") != "long":
+            raise SystemExit(f"--merge: {f} is not a long-mode result (run with --budget-min)")
+    varying = ("algos", "rewards", "eval_every", "set", "out", "merge")
+    same = [{k: v for k, v in r["settings"].items() if k not in varying} for r in records]
+    for f, other in zip(files[1:], same[1:], strict=True):
+        if other != same[0]:
+            raise SystemExit(f"--merge: {f} ran other settings than {files[0]}: "
+                             f"{ {k: (same[0].get(k), v) for k, v in other.items() if same[0].get(k) != v} }")
+    runs = [run for record in records for run in record["runs"]]
+    cells = [(r["algo"], r["reward"]) for r in runs]
+    if len(set(cells)) != len(cells):
+        raise SystemExit(f"--merge: a cell appears twice in {[str(f) for f in files]}: {cells}")
+    grids = out.parent / f"{out.stem}_grids"
+    for f, record in zip(files, records, strict=True):
+        for run in record["runs"]:
+            for kept in run["grids"].values():  # "<file> (step N, M min)"
+                src = f.parent / f"{f.stem}_grids" / kept.split(" ")[0]
+                if src.resolve() != (grids / src.name).resolve():
+                    grids.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, grids / src.name)
+    settings = {**records[0]["settings"], "algos": sorted({a for a, _ in cells}),
+                "rewards": list(dict.fromkeys(r for _, r in cells)), "eval_every": None, "set": None, "out": str(out),
+                "merged_from": [str(f) for f in files]}
+    write_long(out, settings, runs)
+    print_long(runs, out, grids)
+
+
+def print_long(runs: list[dict], out: Path, grids: Path) -> None:
+    """The long-mode table: one row per cell."""
     print(f"\n{'algo':<6} {'reward':<22} {'before':>8} {'final':>8} {'best':>8} {'fid. before':>11} {'fid. final':>10} "
           f"{'min':>5} {'iters':>6}  target")
     for r in runs:
@@ -231,7 +274,12 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=None,
                         help="long mode: wall-clock minutes per cell (one seed: the first of --seeds)")
     parser.add_argument("--eval-every", type=int, default=10, help="long mode: iterations between evaluations")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="run nothing: join these long-mode JSON files (cells run side by side) into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge_long(args.merge, args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("learning_diffusion_long.json"))
+        return
     if args.budget_min is not None:
         main_long(args)
         return

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,35 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     assert sorted(f.name for f in grids.iterdir()) == names
     assert "step 0," in row["grids"]["0%"] and f"step {row['iterations']}," in row["grids"]["100%"]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+    # --merge joins cells run side by side (here the same record posing as a D3PO cell, evaluated
+    # at another cadence), with their grids; the same cell twice or other settings are refused.
+    other = json.loads(out.read_text())
+    other["runs"][0]["algo"], other["settings"]["algos"], other["settings"]["eval_every"] = "d3po", ["d3po"], 2
+    other["settings"]["set"] = ["algo.branch=true"]  # each run keeps its own overrides
+    other["runs"][0]["grids"] = {k: v.replace("ddpo_", "d3po_") for k, v in other["runs"][0]["grids"].items()}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "other_grids").mkdir()
+    for name in names:
+        shutil.copy(grids / name, tmp_path / "other_grids" / name.replace("ddpo_", "d3po_"))
+    merged = tmp_path / "merged.json"
+    script = load_script("learning_diffusion")
+    run_main(script, ["--merge", str(out), str(tmp_path / "other.json"), "--out", str(merged)], monkeypatch)
+    joined = json.loads(merged.read_text())
+    assert [(r["algo"], r["reward"]) for r in joined["runs"]] == [("ddpo", "jpeg_compressibility"),
+                                                                  ("d3po", "jpeg_compressibility")]
+    assert joined["settings"]["algos"] == ["d3po", "ddpo"] and len(joined["settings"]["merged_from"]) == 2
+    assert joined["settings"]["set"] is None and joined["runs"][0]["overrides"] == row["overrides"]
+    assert sorted(f.name for f in (tmp_path / "merged_grids").iterdir()) == sorted(
+        names + [n.replace("ddpo_", "d3po_") for n in names])
+    assert merged.with_suffix(".png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="a cell appears twice"):
+        run_main(script, ["--merge", str(out), str(out), "--out", str(tmp_path / "twice.json")], monkeypatch)
+    other["settings"]["budget_min"] = 30.0
+    (tmp_path / "longer.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="ran other settings.*budget_min"):
+        run_main(script, ["--merge", str(out), str(tmp_path / "longer.json"), "--out", str(tmp_path / "x.json")],
+                 monkeypatch)
 
 
 def test_learning_maniskill_bench_records_a_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,3 +396,18 @@ def test_learning_maniskill_merge_joins_seeds_run_side_by_side(tmp_path: Path, m
     with pytest.raises(SystemExit, match="algo.update_epochs=4"):
         run_main(bench, ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--label", "v",
                          "--out", str(out)], monkeypatch)
+
+
+def test_diffusion_reward_reference_places_the_renders_and_the_bases(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "reference.json"
+    run_main(load_script("diffusion_reward_reference"), ["--images", "14", "--num-steps", "2", "--out", str(out)],
+             monkeypatch)
+    rows = {r["images"]: r for r in json.loads(out.read_text())["rows"]}
+    renders, blank = rows["shapes-world renders"], rows["blank white"]
+    # The world's own renders draw every caption exactly; a blank image draws nothing and is the smallest JPEG.
+    assert (renders["fidelity"], renders["count"], blank["fidelity"]) == (1.0, 1.0, 0.0)
+    assert blank["jpeg_kb"] < renders["jpeg_kb"] < rows["renders + noise (std 8/255)"]["jpeg_kb"]
+    for name in ("shapes_base samples (2 DDIM steps)", "shapes_early samples (2 DDIM steps)"):
+        assert rows[name]["jpeg_kb"] > 0.5 and 0.0 <= rows[name]["fidelity"] <= 1.0
+        assert rows[name]["fidelity"] == pytest.approx((rows[name]["color"] + rows[name]["count"] + rows[name]["shape"]) / 3)
