@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -401,13 +403,34 @@ def test_learning_maniskill_merge_joins_seeds_run_side_by_side(tmp_path: Path, m
 def test_diffusion_reward_reference_places_the_renders_and_the_bases(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "reference.json"
-    run_main(load_script("diffusion_reward_reference"), ["--images", "14", "--num-steps", "2", "--out", str(out)],
-             monkeypatch)
+    bench = load_script("diffusion_reward_reference")
+    run_main(bench, ["--images", "14", "--num-steps", "2", "--per-caption", "4", "--out", str(out)], monkeypatch)
     rows = {r["images"]: r for r in json.loads(out.read_text())["rows"]}
     renders, blank = rows["shapes-world renders"], rows["blank white"]
     # The world's own renders draw every caption exactly; a blank image draws nothing and is the smallest JPEG.
     assert (renders["fidelity"], renders["count"], blank["fidelity"]) == (1.0, 1.0, 0.0)
     assert blank["jpeg_kb"] < renders["jpeg_kb"] < rows["renders + noise (std 8/255)"]["jpeg_kb"]
+    # More blur: a smaller JPEG, and the most blurred read worse than the least (softer edges read as
+    # less of the shape; between neighbouring radii 14 images may tie or swap).
+    blurred = [rows[f"renders blurred (Gaussian, radius {r} px)"] for r in (0.5, 0.7, 0.9, 1.0, 1.2, 1.5)]
+    sizes = [b["jpeg_kb"] for b in blurred]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] < renders["jpeg_kb"]
+    assert blurred[-1]["fidelity"] < blurred[0]["fidelity"] <= 1.0
     for name in ("shapes_base samples (2 DDIM steps)", "shapes_early samples (2 DDIM steps)"):
         assert rows[name]["jpeg_kb"] > 0.5 and 0.0 <= rows[name]["fidelity"] <= 1.0
         assert rows[name]["fidelity"] == pytest.approx((rows[name]["color"] + rows[name]["count"] + rows[name]["shape"]) / 3)
+    # Best of n of the bases' own samples: n=1 is the mean, and a larger n never scores worse.
+    for sel in json.loads(out.read_text())["selection"].values():
+        best = [sel["fidelity_best_of_n"][str(n)] for n in (1, 2, 4)]
+        assert sel["samples_per_caption"] == 4 and best[0] == pytest.approx(sel["fidelity"])
+        assert best == sorted(best) and best[-1] <= 1.0
+        smallest = list(sel["jpeg_kb_smallest_of_n_with_fidelity_ge_0.8"].values())
+        assert smallest == sorted(smallest, reverse=True)
+
+
+def test_best_of_n_is_the_expected_maximum_of_a_draw() -> None:
+    best_of_n = load_script("diffusion_reward_reference").best_of_n
+    values = np.array([0.3, 0.9, 0.1, 0.5, 0.7])
+    for n in range(1, 6):
+        draws = [max(c) for c in itertools.combinations(values, n)]
+        assert best_of_n(values, n) == pytest.approx(np.mean(draws))
