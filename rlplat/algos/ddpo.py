@@ -143,6 +143,10 @@ class DDPOConfig:
     # (of the trainable ones), from one x_T per prompt, and train that step only: the group's
     # differences are then that step's doing (rlplat.algos.base.PreferenceAlgorithm.branch_step).
     branch: bool = False
+    # Sample each prompt's group from one x_T (as D3PO's pairs): the group's images then share the
+    # layout the first steps draw from x_T and differ by the sampler's noise, so with
+    # skip_initial_steps the advantages credit the steps that train rather than x_T.
+    share_noise: bool = False
     # Clip range of the step ratio (tiny: log-probs are means over elements).
     clip_coef: float = checked(1e-4, gt=0)
     # Advantages are clipped to +- this.
@@ -168,8 +172,9 @@ class DDPO(PreferenceAlgorithm):
             raise ValueError(f"algo.advantage={cfg['advantage']!r} must be one of {tuple(ADVANTAGES)}")
         self.advantages = ADVANTAGES[cfg["advantage"]]
         self.samples_per_prompt = int(cfg["group_size"])
-        # algo.branch: a group shares x_T, so its differences are the branch step's noise alone.
-        self.share_noise = bool(cfg.get("branch", False))
+        # A group shares x_T when asked (algo.share_noise) and when branching (its differences are
+        # then the branch step's noise alone).
+        self.share_noise = bool(cfg.get("share_noise", False) or cfg.get("branch", False))
         if cfg["advantage"] == "group" and self.samples_per_prompt < 2:
             raise ValueError(f"algo.advantage=group needs algo.group_size >= 2 (got {self.samples_per_prompt}): "
                              f"a group of one image has no baseline")

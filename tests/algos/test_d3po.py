@@ -235,9 +235,10 @@ def test_branch_draws_a_trainable_step_and_the_update_trains_that_step_only():
     assert sorted({branching.branch_step(rng, 10) for _ in range(200)}) == [2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="leave none of the 5 denoising steps"):
         branching.branch_step(rng, 5)
-    # A GRPO group shares x_T only when branching (its differences are then the branch step's).
+    # A GRPO group shares x_T when branching (its differences are then the branch step's) or when asked.
     assert not DDPO(**asdict(DDPOConfig())).share_noise
     assert DDPO(**{**asdict(DDPOConfig()), "branch": True}).share_noise
+    assert DDPO(**{**asdict(DDPOConfig()), "share_noise": True}).share_noise
 
     # The pairs keep the branch step, and the update sees that step alone.
     traj = Batch({"latents": torch.arange(8.0).reshape(2, 4, 1), "next_latents": torch.arange(8.0).reshape(2, 4, 1) + 1,

@@ -295,6 +295,28 @@ def test_branch_runs_train_one_drawn_step_per_iteration(ray_local, tiny_cache, t
     assert all(np.isfinite(r["train/loss"]) and r["train/minibatches"] == 1 for r in rows)
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_ddpo_share_noise_starts_each_group_from_one_x_t(ray_local, tiny_cache, tmp_path, monkeypatch, share):
+    from rlplat.loops.preference import OnlinePreferenceCollector
+
+    seeds = []
+    generate = OnlinePreferenceCollector.generate
+
+    def recording(self, prompts, noise_seeds, seed, *args, **kwargs):
+        seeds.append(np.asarray(noise_seeds))
+        return generate(self, prompts, noise_seeds, seed, *args, **kwargs)
+
+    monkeypatch.setattr(OnlinePreferenceCollector, "generate", recording)
+    cfg = compose([*TINY, "preference=jpeg_compressibility", "algo=ddpo", "algo.batch_size=3", "algo.group_size=2",
+                   "algo.num_minibatches=1", "policy.lora.r=4", "trainer.total_steps=1", "trainer.eval_every=0",
+                   "trainer.checkpoint_every=0", f"algo.share_noise={str(share).lower()}"])
+    run(cfg, tmp_path / "run")
+    groups = seeds[0].reshape(3, 2)  # the iteration's 3 prompts x 2 samples
+    assert (groups[:, 0] == groups[:, 1]).all() == share
+    assert len(set(groups[:, 0].tolist())) == 3  # each group its own x_T
+    assert np.isfinite(read_metrics(tmp_path / "run/metrics.jsonl")[-1]["train/loss"])
+
+
 def test_time_budget_ends_the_run_on_a_final_evaluation_anneals_the_lr_over_it_and_spans_a_resume(
         ray_local, tiny_cache, tmp_path):
     budget = 2.0
