@@ -332,7 +332,8 @@ class TextToImagePolicy(DiffusionPolicy):
     @torch.no_grad()
     def sample_trajectory(
         self, prompts: Sequence[str], generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-        guidance_scale: float | None = None, sde_step: int | None = None,
+        guidance_scale: float | None = None, sde_step: int | None = None, prefix_steps: int = 0,
+        prefix_generators: Sequence[torch.Generator] | None = None,
     ) -> Batch:
         """Samples images for ``prompts`` and records the DDIM trajectory.
 
@@ -345,9 +346,19 @@ class TextToImagePolicy(DiffusionPolicy):
         policy's eta); every other step is the deterministic DDIM step (eta = 0, log-prob 0), so
         samples from one x_T agree up to that step and differ by its noise alone. The batch then
         also holds ``sde_step`` [B].
+
+        ``prefix_steps`` > 0: the first ``prefix_steps`` steps draw each row's noise from its own
+        generator in ``prefix_generators`` (one per row) instead of ``generator``; rows that start
+        from one x_T with generators seeded alike then agree through those steps and part after them.
         """
         if sde_step is not None and not 0 <= sde_step < self.num_steps:
             raise ValueError(f"sde_step={sde_step} is not a step index of the {self.num_steps} steps (policy.num_steps)")
+        if prefix_steps > 0 and (prefix_generators is None or len(prefix_generators) != len(prompts)):
+            raise ValueError(f"prefix_steps={prefix_steps} needs one generator per row in prefix_generators "
+                             f"({len(prompts)} rows, got {None if prefix_generators is None else len(prefix_generators)})")
+        if prefix_steps > 0 and sde_step is not None:
+            raise ValueError(f"prefix_steps={prefix_steps} and sde_step={sde_step}: a branching sample is already "
+                             f"deterministic before its one noisy step; give one of them")
         g = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         cond = self.encode_prompts(prompts)
         uncond = self.encode_prompts([""] * len(prompts)) if g != 1.0 else None
@@ -359,7 +370,8 @@ class TextToImagePolicy(DiffusionPolicy):
         for i, t in enumerate(self.scheduler.timesteps):
             noise = self.predict_noise(x, t, cond, uncond, g)
             if sde_step is None or i == sde_step:
-                x_prev, logp = ddim_step_with_logprob(self.scheduler, noise, t, x, self.eta, generator=generator,
+                step_generator = list(prefix_generators) if i < prefix_steps else generator
+                x_prev, logp = ddim_step_with_logprob(self.scheduler, noise, t, x, self.eta, generator=step_generator,
                                                       reduction=self.reduction)
             else:
                 x_prev = ddim_step_deterministic(self.scheduler, noise, t, x)

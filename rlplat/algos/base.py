@@ -231,6 +231,14 @@ class PreferenceAlgorithm(abc.ABC):
     def __init__(self, **cfg: Any) -> None:
         self.cfg = cfg
         self.optim = cfg["optim"]
+        if cfg.get("share_prefix", False):
+            if int(cfg.get("skip_initial_steps", 0)) <= 0:
+                raise ValueError("algo.share_prefix=true shares the sampler's noise of the untrained initial steps "
+                                 "within a group, but algo.skip_initial_steps=0 leaves none untrained: set "
+                                 "algo.skip_initial_steps>0 or algo.share_prefix=false")
+            if cfg.get("branch", False):
+                raise ValueError("algo.share_prefix=true and algo.branch=true: a branching sample is already "
+                                 "deterministic before its one noisy step; set one of them to false")
         if self.optim.get("desired_kl") is not None:
             raise ValueError(f"algo.optim.desired_kl={self.optim['desired_kl']}: the KL-adaptive lr is for the "
                              f"embodied algorithms (ppo, grpo); {type(self).__name__} keeps its lr schedule "
@@ -338,6 +346,13 @@ class PreferenceAlgorithm(abc.ABC):
             raise ValueError(f"algo.skip_initial_steps + algo.skip_final_steps leave none of the {num_steps} "
                              f"denoising steps (policy.num_steps) to branch at")
         return int(rng.integers(first, last))
+
+    @property
+    def shared_prefix_steps(self) -> int:
+        """With ``algo.share_prefix``: the untrained initial steps (``skip_initial_steps``), whose
+        sampler noise the rows of a group share as they share x_T, so they part where training
+        starts and their scores compare what the trained steps drew; else 0."""
+        return int(self.cfg.get("skip_initial_steps", 0)) if self.cfg.get("share_prefix", False) else 0
 
     def trained_part(self, batch: Batch) -> Batch:
         """The denoising steps of ``batch`` that train: the branch step (``algo.branch``: the batch

@@ -148,6 +148,10 @@ class D3POConfig:
     # the trainable ones) and train that step only: a pair then differs by that step's noise
     # alone, so its label credits that step (rlplat.algos.base.PreferenceAlgorithm.branch_step).
     branch: bool = False
+    # With skip_initial_steps: the rows of a group also share the sampler's noise at the untrained
+    # initial steps, so they part where training starts and their scores compare what the
+    # trained steps drew rather than a layout the untrained steps drew differently.
+    share_prefix: bool = False
     # DPO temperature beta.
     beta: float = checked(0.1, gt=0)
     # Half-width of the clipped ratio band.

@@ -147,6 +147,10 @@ class DDPOConfig:
     # layout the first steps draw from x_T and differ by the sampler's noise, so with
     # skip_initial_steps the advantages credit the steps that train rather than x_T.
     share_noise: bool = False
+    # With skip_initial_steps: the rows of a group also share the sampler's noise at the untrained
+    # initial steps (implies share_noise), so they part where training starts and their scores compare what the
+    # trained steps drew rather than a layout the untrained steps drew differently.
+    share_prefix: bool = False
     # Clip range of the step ratio (tiny: log-probs are means over elements).
     clip_coef: float = checked(1e-4, gt=0)
     # Advantages are clipped to +- this.
@@ -172,9 +176,10 @@ class DDPO(PreferenceAlgorithm):
             raise ValueError(f"algo.advantage={cfg['advantage']!r} must be one of {tuple(ADVANTAGES)}")
         self.advantages = ADVANTAGES[cfg["advantage"]]
         self.samples_per_prompt = int(cfg["group_size"])
-        # A group shares x_T when asked (algo.share_noise) and when branching (its differences are
-        # then the branch step's noise alone).
-        self.share_noise = bool(cfg.get("share_noise", False) or cfg.get("branch", False))
+        # A group shares x_T when asked (algo.share_noise), when branching (its differences are
+        # then the branch step's noise alone) and when it shares the untrained steps' noise.
+        self.share_noise = bool(cfg.get("share_noise", False) or cfg.get("branch", False)
+                                or cfg.get("share_prefix", False))
         if cfg["advantage"] == "group" and self.samples_per_prompt < 2:
             raise ValueError(f"algo.advantage=group needs algo.group_size >= 2 (got {self.samples_per_prompt}): "
                              f"a group of one image has no baseline")

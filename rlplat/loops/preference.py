@@ -193,7 +193,8 @@ class OnlinePreferenceCollector(Collector):
             noise = np.repeat(noise[::k], k)
         # algo.branch: this iteration's samples draw noise at one step only (None: at every step).
         sde_step = self.algo.branch_step(self.rng, int(self.cfg.policy.num_steps))
-        traj = self.generate(prompts, noise, int(self.rng.integers(2**31 - 1)), sde_step=sde_step)
+        traj = self.generate(prompts, noise, int(self.rng.integers(2**31 - 1)), sde_step=sde_step,
+                             prefix_steps=self.algo.shared_prefix_steps)
         scores = self.source.score(traj["images"].numpy(), prompts)
         self.samples += len(prompts)
         self._rows = len(prompts)
@@ -203,13 +204,14 @@ class OnlinePreferenceCollector(Collector):
         return batch, {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()), **metrics}
 
     def generate(self, prompts: list[str], noise_seeds: np.ndarray, seed: int,
-                 guidance_scale: float | None = None, sde_step: int | None = None) -> Batch:
+                 guidance_scale: float | None = None, sde_step: int | None = None, prefix_steps: int = 0) -> Batch:
         """Trajectories for ``prompts`` from x_T drawn with ``noise_seeds`` (one per prompt);
-        ``sde_step``: the one denoising step that draws noise (None: every step)."""
+        ``sde_step``: the one denoising step that draws noise (None: every step); ``prefix_steps``:
+        the first steps whose noise is drawn from the row's noise seed too (shared by equal seeds)."""
         requests = Batch({"noise_seed": torch.as_tensor(np.asarray(noise_seeds, np.int64)),
                           "seed": torch.full((len(prompts),), seed, dtype=torch.int64)},
                          extras={"prompts": list(prompts)})
-        return self.rollout.generate(requests, guidance_scale, sde_step)
+        return self.rollout.generate(requests, guidance_scale, sde_step, prefix_steps)
 
     def evaluate(self, step: int, last: bool = False) -> dict[str, float]:
         """Scores ``trainer.eval_episodes`` images of the held-out prompts, same seeds every time.

@@ -57,24 +57,26 @@ class DiffusionWorker(TrainedWeights, Worker):
 
     # ----------------------------------------------------------------- rollout role
     @register(Dispatch.SHARD_BY_BATCH)
-    def generate(self, requests: Batch, guidance_scale: float | None = None, sde_step: int | None = None) -> Batch:
+    def generate(self, requests: Batch, guidance_scale: float | None = None, sde_step: int | None = None,
+                 prefix_steps: int = 0) -> Batch:
         """Samples one trajectory per request row.
 
         ``requests`` holds ``prompts`` (extras), ``noise_seed`` (x_T is drawn from it, so rows with
         equal seeds start from the same noise, whatever worker they land on) and ``seed`` (the
         DDIM step noise of the shard is drawn from its first row's seed). ``sde_step``: the one
         denoising step that draws noise (``TextToImagePolicy.sample_trajectory``); None: every step.
+        ``prefix_steps``: the first this many steps draw their noise from the row's ``noise_seed``
+        too (after x_T), so rows with equal seeds agree through them.
         """
         self.policy.eval()
-        latents = torch.stack([
-            torch.randn(self.policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
-            for s in requests["noise_seed"].tolist()
-        ])
+        row_noise = [torch.Generator().manual_seed(int(s)) for s in requests["noise_seed"].tolist()]
+        latents = torch.stack([torch.randn(self.policy.latent_shape, generator=g) for g in row_noise])
         step_noise = torch.Generator().manual_seed(int(requests["seed"][0]))
         prompts, size = list(requests["prompts"]), self.policy.sample_batch_size
         return Batch.concat([
             self.policy.sample_trajectory(prompts[i:i + size], generator=step_noise, latents=latents[i:i + size],
-                                          guidance_scale=guidance_scale, sde_step=sde_step)
+                                          guidance_scale=guidance_scale, sde_step=sde_step, prefix_steps=prefix_steps,
+                                          prefix_generators=row_noise[i:i + size])
             for i in range(0, len(prompts), size)
         ])
 

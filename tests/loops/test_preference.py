@@ -317,6 +317,45 @@ def test_ddpo_share_noise_starts_each_group_from_one_x_t(ray_local, tiny_cache, 
     assert np.isfinite(read_metrics(tmp_path / "run/metrics.jsonl")[-1]["train/loss"])
 
 
+@pytest.mark.parametrize("algo", ["d3po", "ddpo"])
+def test_share_prefix_groups_share_the_untrained_steps_and_part_where_training_starts(
+        ray_local, tiny_cache, tmp_path, monkeypatch, algo):
+    from rlplat.loops.preference import OnlinePreferenceCollector
+
+    trajectories = []
+    generate = OnlinePreferenceCollector.generate
+
+    def recording(self, *args, **kwargs):
+        traj = generate(self, *args, **kwargs)
+        trajectories.append(traj)
+        return traj
+
+    monkeypatch.setattr(OnlinePreferenceCollector, "generate", recording)
+    group = ["algo.batch_size=3", "algo.group_size=2"] if algo == "ddpo" else ["algo.batch_size=3"]
+    cfg = compose([*TINY, "preference=jpeg_compressibility", f"algo={algo}", *group, "algo.num_minibatches=1",
+                   "policy.lora.r=4", "trainer.total_steps=1", "trainer.eval_every=0", "trainer.checkpoint_every=0",
+                   "algo.skip_initial_steps=2", "algo.share_prefix=true"])
+    run(cfg, tmp_path / "run")
+    after = trajectories[0]["next_latents"]  # the iteration's 3 prompts x 2 samples, [6, T, ...]
+    for first in (0, 2, 4):
+        # The group's two samples agree through the 2 untrained steps and part at the first trained one.
+        assert torch.equal(after[first, :2], after[first + 1, :2])
+        assert not torch.equal(after[first, 2], after[first + 1, 2])
+    assert not torch.equal(after[0, 0], after[2, 0])  # each group its own prefix
+    assert np.isfinite(read_metrics(tmp_path / "run/metrics.jsonl")[-1]["train/loss"])
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["algo.share_prefix=true"], "algo.skip_initial_steps=0 leaves none untrained"),
+    (["algo.share_prefix=true", "algo.skip_initial_steps=1", "algo.branch=true"], "algo.share_prefix=true and algo.branch=true"),
+])
+def test_share_prefix_refuses_settings_it_cannot_serve(tmp_path, overrides, match):
+    from rlplat.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose([*TINY, "preference=jpeg_compressibility", "algo=d3po", *overrides]), tmp_path / "run")
+
+
 def test_time_budget_ends_the_run_on_a_final_evaluation_anneals_the_lr_over_it_and_spans_a_resume(
         ray_local, tiny_cache, tmp_path):
     budget = 2.0

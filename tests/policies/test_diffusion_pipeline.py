@@ -86,6 +86,30 @@ def test_sde_step_draws_noise_at_that_step_only(cache):
         policy.sample_trajectory(["a red circle"], sde_step=4)
 
 
+def test_prefix_steps_draw_each_rows_noise_from_its_own_generator(cache):
+    policy = make(cache, guidance_scale=2.0)
+    x_T = torch.randn(1, 12, 8, 8).expand(3, -1, -1, -1)
+    # Rows 0 and 1 share a prefix generator seed, row 2 has its own.
+    gens = [torch.Generator().manual_seed(s) for s in (5, 5, 6)]
+    traj = policy.sample_trajectory(["a red circle"] * 3, latents=x_T, generator=torch.Generator().manual_seed(1),
+                                    prefix_steps=2, prefix_generators=gens)
+    # Rows 0 and 1 agree through the two prefix steps (stochastic: eta 1, log-probs recorded) and part after them.
+    assert torch.equal(traj["next_latents"][0, :2], traj["next_latents"][1, :2])
+    assert not torch.equal(traj["next_latents"][0, 2], traj["next_latents"][1, 2])
+    assert not torch.equal(traj["next_latents"][0, 0], traj["next_latents"][2, 0])
+    assert (traj["logprobs"] != 0).all()
+    logp = policy.step_logprob(traj["latents"][:, 1], traj["next_latents"][:, 1], traj["timesteps"][:, 1],
+                               list(traj["prompts"]))
+    torch.testing.assert_close(logp, traj["logprobs"][:, 1], rtol=1e-4, atol=1e-4)
+    # Without the prefix every step draws from the one generator: the rows part at the first step.
+    plain = policy.sample_trajectory(["a red circle"] * 2, latents=x_T[:2], generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(plain["next_latents"][0, 0], plain["next_latents"][1, 0])
+    with pytest.raises(ValueError, match="needs one generator per row"):
+        policy.sample_trajectory(["a red circle"] * 3, latents=x_T, prefix_steps=2, prefix_generators=gens[:2])
+    with pytest.raises(ValueError, match="prefix_steps=2 and sde_step=3"):
+        policy.sample_trajectory(["a red circle"] * 3, latents=x_T, prefix_steps=2, prefix_generators=gens, sde_step=3)
+
+
 def test_step_logprob_has_gradients_and_images_round_trip(cache):
     policy = make(cache, guidance_scale=1.0)
     traj = policy.sample_trajectory(["a green triangle"], generator=torch.Generator().manual_seed(2))
