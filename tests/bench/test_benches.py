@@ -161,9 +161,11 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     monkeypatch.setenv("RLPLAT_CACHE_DIR", str(tmp_path / "cache"))
     budget_s = 3.0
     argv = ["--budget-min", str(budget_s / 60), "--eval-every", "1", "--algos", "ddpo", "--rewards",
-            "jpeg_compressibility", "--seeds", "0", "--eval-images", "28", "--set", "policy.num_steps=2",
-            "algo.batch_size=2", "algo.group_size=2", "algo.num_minibatches=1",
-            "trainer.stop_when=null",  # the preset's fidelity floor would stop the 2-step sampler at once
+            "jpeg_compressibility", "--seeds", "0", "--eval-images", "28", "--set", "policy.num_steps=3",
+            # The preset trains the steps between its first 5 (shared within a group) and its last:
+            # with 3 steps, the middle one, after a shared first step.
+            "algo.skip_initial_steps=1", "algo.batch_size=2", "algo.group_size=2", "algo.num_minibatches=1",
+            "trainer.stop_when=null",  # the preset's fidelity floor would stop the 3-step sampler at once
             "--out", str(out)]
     run_main(load_script("learning_diffusion"), argv, monkeypatch)
     result = json.loads(out.read_text())
