@@ -354,8 +354,9 @@ class TextToImagePolicy(DiffusionPolicy):
         if sde_step is not None and not 0 <= sde_step < self.num_steps:
             raise ValueError(f"sde_step={sde_step} is not a step index of the {self.num_steps} steps (policy.num_steps)")
         if prefix_steps > 0 and (prefix_generators is None or len(prefix_generators) != len(prompts)):
+            got = None if prefix_generators is None else len(prefix_generators)
             raise ValueError(f"prefix_steps={prefix_steps} needs one generator per row in prefix_generators "
-                             f"({len(prompts)} rows, got {None if prefix_generators is None else len(prefix_generators)})")
+                             f"({len(prompts)} rows, got {got})")
         if prefix_steps > 0 and sde_step is not None:
             raise ValueError(f"prefix_steps={prefix_steps} and sde_step={sde_step}: a branching sample is already "
                              f"deterministic before its one noisy step; give one of them")

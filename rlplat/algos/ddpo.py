@@ -148,8 +148,8 @@ class DDPOConfig:
     # skip_initial_steps the advantages credit the steps that train rather than x_T.
     share_noise: bool = False
     # With skip_initial_steps: the rows of a group also share the sampler's noise at the untrained
-    # initial steps (implies share_noise), so they part where training starts and their scores compare what the
-    # trained steps drew rather than a layout the untrained steps drew differently.
+    # initial steps (implies share_noise), so they part where training starts and their scores
+    # compare what the trained steps drew rather than a layout the untrained steps drew differently.
     share_prefix: bool = False
     # Clip range of the step ratio (tiny: log-probs are means over elements).
     clip_coef: float = checked(1e-4, gt=0)

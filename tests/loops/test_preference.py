@@ -347,7 +347,8 @@ def test_share_prefix_groups_share_the_untrained_steps_and_part_where_training_s
 
 @pytest.mark.parametrize("overrides, match", [
     (["algo.share_prefix=true"], "algo.skip_initial_steps=0 leaves none untrained"),
-    (["algo.share_prefix=true", "algo.skip_initial_steps=1", "algo.branch=true"], "algo.share_prefix=true and algo.branch=true"),
+    (["algo.share_prefix=true", "algo.skip_initial_steps=1", "algo.branch=true"],
+     "algo.share_prefix=true and algo.branch=true"),
 ])
 def test_share_prefix_refuses_settings_it_cannot_serve(tmp_path, overrides, match):
     from rlplat.validate import ConfigError, validate
