@@ -78,6 +78,21 @@ def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.n
     return Batch(fields, extras={"prompts": [prompts[i] for i in rows.tolist()]}, batch_size=len(rows))
 
 
+def pair_rows(scores: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (a, b) [P] of each prompt's pair among ``scores`` [P * group_size] (the prompts'
+    groups one after another): the two samples of a pair, or a larger group's highest- and
+    lowest-scoring samples (a: the highest; the first of equal scores). Labels come after."""
+    if group_size < 2 or len(scores) % group_size:
+        raise ValueError(f"{len(scores)} samples do not split into groups of algo.group_size={group_size} (>= 2)")
+    groups = scores.reshape(-1, group_size)
+    start = np.arange(len(groups)) * group_size
+    if group_size == 2:
+        return start, start + 1
+    high, low = groups.argmax(axis=1), groups.argmin(axis=1)
+    low = np.where(high == low, (high + 1) % group_size, low)  # all equal: any two (a tie)
+    return start + high, start + low
+
+
 def _pair_logprobs(policy: Any, pairs: Batch, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs [P] of denoising step ``step`` of the preferred (w) and the other (l) samples."""
     t, prompts = pairs["timesteps"][:, step], list(pairs["prompts"])
@@ -127,6 +142,10 @@ class D3POConfig:
 
     # Prompts per iteration; each gets a pair of samples.
     batch_size: int = checked(16, ge=1)
+    # Samples per prompt, all from one x_T. 2: the paper's pair. More: the pair is the group's
+    # highest- and lowest-scoring samples, so its label rests on a wider score gap than a random
+    # pair's (the update's cost stays one pair per prompt; the sampling's grows with the group).
+    group_size: int = checked(2, ge=2)
     # Minibatches (optimizer steps) per epoch over the kept pairs.
     num_minibatches: int = checked(2, ge=1)
     # Passes over each iteration's pairs.
@@ -169,17 +188,21 @@ class D3PO(PreferenceAlgorithm):
     samples_per_prompt = 2
     share_noise = True
 
+    def __init__(self, **cfg: Any) -> None:
+        super().__init__(**cfg)
+        self.samples_per_prompt = int(cfg.get("group_size", 2))
+
     @property
     def needs_adapter_reference(self) -> bool:
         return self.cfg.get("reference", "adapter") == "adapter"
 
     def prepare(self, traj: Batch, scores: np.ndarray, source: Any, rng: np.random.Generator
                 ) -> tuple[Batch, dict[str, float]]:
-        """Splits the interleaved pairs, labels them and keeps the informative ones."""
-        first, second = traj[0::2], traj[1::2]
-        a_preferred, keep = source.labels(scores[0::2], scores[1::2], rng)
-        gap = np.abs(scores[0::2] - scores[1::2])
-        return order_pairs(first, second, a_preferred, keep), {
+        """Picks each prompt's pair (``pair_rows``), labels it and keeps the informative ones."""
+        a, b = pair_rows(np.asarray(scores), self.samples_per_prompt)
+        a_preferred, keep = source.labels(scores[a], scores[b], rng)
+        gap = np.abs(scores[a] - scores[b])
+        return order_pairs(traj[torch.as_tensor(a)], traj[torch.as_tensor(b)], a_preferred, keep), {
             "pairs/kept_fraction": float(keep.mean()), "pairs/score_gap": float(gap.mean()),
         }
 

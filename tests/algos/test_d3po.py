@@ -251,3 +251,40 @@ def test_branch_draws_a_trainable_step_and_the_update_trains_that_step_only():
     # Without a branch step the skip settings decide.
     unbranched = pairs.select(*(key for key in pairs.keys() if key != "sde_step"))
     assert d3po(skip_initial_steps=1).trained_part(unbranched)["timesteps"].tolist() == [[666, 333, 0]]
+
+
+def test_a_larger_group_pairs_its_highest_and_lowest_scoring_samples():
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from rlplat.algos.d3po import D3PO, D3POConfig, pair_rows
+    from rlplat.batch import Batch
+    from rlplat.envs.preference.proxy import preference_labels
+
+    # Pairs of two: the group's two rows, in order, whatever the scores.
+    a, b = pair_rows(np.array([3.0, 1.0, 0.0, 5.0]), 2)
+    assert a.tolist() == [0, 2] and b.tolist() == [1, 3]
+    # Groups of three: the highest (first of equals) and the lowest; all equal: two different rows.
+    a, b = pair_rows(np.array([0.2, 0.9, 0.1, 4.0, 4.0, 1.0, 7.0, 7.0, 7.0]), 3)
+    assert a.tolist() == [1, 3, 6] and b.tolist() == [2, 5, 7]
+    with pytest.raises(ValueError, match="algo.group_size=4"):
+        pair_rows(np.zeros(6), 4)
+
+    class Source:
+        def labels(self, scores_a, scores_b, rng):
+            return preference_labels(scores_a, scores_b, 0.0, "drop", rng)
+
+    algo = D3PO(**{**asdict(D3POConfig()), "group_size": 3})
+    assert algo.samples_per_prompt == 3 and algo.share_noise
+    rows = 9
+    traj = Batch({"latents": torch.arange(rows, dtype=torch.float32).reshape(rows, 1, 1).repeat(1, 2, 1),
+                  "next_latents": torch.zeros(rows, 2, 1), "logprobs": torch.zeros(rows, 2),
+                  "timesteps": torch.tensor([[999, 0]] * rows)}, extras={"prompts": [f"p{i // 3}" for i in range(rows)]})
+    scores = np.array([0.2, 0.9, 0.1, 4.0, 4.0, 1.0, 7.0, 7.0, 7.0])
+    pairs, metrics = algo.prepare(traj, scores, Source(), np.random.default_rng(0))
+    # The third group is a tie and is dropped; the others pair best (w) with worst (l).
+    assert pairs["w_latents"][:, 0, 0].tolist() == [1.0, 3.0] and pairs["l_latents"][:, 0, 0].tolist() == [2.0, 5.0]
+    assert list(pairs["prompts"]) == ["p0", "p1"]
+    assert metrics["pairs/kept_fraction"] == pytest.approx(2 / 3)
+    assert metrics["pairs/score_gap"] == pytest.approx((0.8 + 3.0 + 0.0) / 3)

@@ -317,6 +317,38 @@ def test_ddpo_share_noise_starts_each_group_from_one_x_t(ray_local, tiny_cache, 
     assert np.isfinite(read_metrics(tmp_path / "run/metrics.jsonl")[-1]["train/loss"])
 
 
+def test_d3po_groups_of_three_share_x_t_and_train_on_one_pair_per_prompt(ray_local, tiny_cache, tmp_path,
+                                                                         monkeypatch):
+    from rlplat.algos.d3po import D3PO
+    from rlplat.loops.preference import OnlinePreferenceCollector
+
+    seeds, pairs = [], []
+    generate, prepare = OnlinePreferenceCollector.generate, D3PO.prepare
+
+    def recording(self, prompts, noise_seeds, seed, *args, **kwargs):
+        seeds.append(np.asarray(noise_seeds))
+        return generate(self, prompts, noise_seeds, seed, *args, **kwargs)
+
+    def recording_prepare(self, traj, scores, source, rng):
+        batch, metrics = prepare(self, traj, scores, source, rng)
+        pairs.append((np.asarray(scores), batch, metrics))
+        return batch, metrics
+
+    monkeypatch.setattr(OnlinePreferenceCollector, "generate", recording)
+    monkeypatch.setattr(D3PO, "prepare", recording_prepare)
+    cfg = compose([*TINY, "preference=jpeg_compressibility", "algo=d3po", "algo.batch_size=2", "algo.group_size=3",
+                   "algo.num_minibatches=1", "policy.lora.r=4", "trainer.total_steps=1", "trainer.eval_every=0",
+                   "trainer.checkpoint_every=0"])
+    run(cfg, tmp_path / "run")
+    groups = seeds[0].reshape(2, 3)  # the iteration's 2 prompts x 3 samples, one x_T each
+    assert (groups == groups[:, :1]).all() and groups[0, 0] != groups[1, 0]
+    scores, batch, metrics = pairs[0]
+    spread = scores.reshape(2, 3).max(axis=1) - scores.reshape(2, 3).min(axis=1)
+    assert metrics["pairs/score_gap"] == pytest.approx(spread.mean())  # each prompt's best and worst
+    assert len(batch) == int((spread > 0).sum())
+    assert np.isfinite(read_metrics(tmp_path / "run/metrics.jsonl")[-1]["train/loss"])
+
+
 @pytest.mark.parametrize("algo", ["d3po", "ddpo"])
 def test_share_prefix_groups_share_the_untrained_steps_and_part_where_training_starts(
         ray_local, tiny_cache, tmp_path, monkeypatch, algo):
