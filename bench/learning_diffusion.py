@@ -115,6 +115,16 @@ def reached(curve: list[dict[str, float]], reward: str) -> dict[str, Any]:
     return {"target": target, "met": False}
 
 
+def best_evaluations(curve: list[dict[str, float]], reward: str) -> dict[str, Any]:
+    """The best evaluation after the start: ``best_reward`` where the cell's side condition holds
+    (JPEG: fidelity >= the floor; None if no evaluation kept it), ``best_reward_any`` regardless."""
+    later = curve[1:] or curve
+    kept = [row for row in later
+            if reward != "jpeg_compressibility" or row.get("eval/fidelity", 0.0) >= FIDELITY_FLOOR]
+    return {"best_reward": max(kept, key=lambda r: r["eval/reward"]) if kept else None,
+            "best_reward_any": max(later, key=lambda r: r["eval/reward"])}
+
+
 def keep_grids(run_dir: Path, curve: list[dict[str, float]], out: Path, name: str) -> dict[str, str]:
     """Copies the eval grid nearest to each share of the run's wall time (``GRID_SHARES``) to ``out``."""
     total = max(row.get("perf/elapsed_s", 0.0) for row in curve)
@@ -192,8 +202,7 @@ def main_long(args: argparse.Namespace) -> None:
                       "stopped": next((line for line in log_lines
                                        if "trainer.stop_when" in line or "trainer.time_budget_s" in line), None),
                       "iterations": curve[-1]["step"], "before": curve[0], "final": curve[-1],
-                      "best_reward": max(curve[1:] or curve, key=lambda r: r["eval/reward"]),
-                      "reached": reached(curve, reward), "train_means": train_summary(run_dir),
+                      **best_evaluations(curve, reward), "reached": reached(curve, reward), "train_means": train_summary(run_dir),
                       "grids": keep_grids(run_dir, curve, grids, name),
                       "curve": curve, "run_dir": str(run_dir)}
             runs.append(result)
@@ -229,7 +238,9 @@ def merge_long(files: list[Path], out: Path) -> None:
         if other != same[0]:
             raise SystemExit(f"--merge: {f} ran other settings than {files[0]}: "
                              f"{ {k: (same[0].get(k), v) for k, v in other.items() if same[0].get(k) != v} }")
-    runs = [run for record in records for run in record["runs"]]
+    # Summaries are recomputed from each curve, so records written before a summary changed join too.
+    runs = [run | best_evaluations(run["curve"], run["reward"]) | {"reached": reached(run["curve"], run["reward"])}
+            for record in records for run in record["runs"]]
     cells = [(r["algo"], r["reward"]) for r in runs]
     if len(set(cells)) != len(cells):
         raise SystemExit(f"--merge: a cell appears twice in {[str(f) for f in files]}: {cells}")
@@ -243,7 +254,9 @@ def merge_long(files: list[Path], out: Path) -> None:
                     shutil.copy(src, grids / src.name)
     settings = {**records[0]["settings"], "algos": sorted({a for a, _ in cells}),
                 "rewards": list(dict.fromkeys(r for _, r in cells)), "eval_every": None, "set": None, "out": str(out),
-                "merged_from": [str(f) for f in files]}
+                # A merged record merged again keeps the files it came from.
+                "merged_from": [m for f, r in zip(files, records, strict=True)
+                                for m in (r["settings"].get("merged_from") or [str(f)])]}
     write_long(out, settings, runs)
     print_long(runs, out, grids)
 
@@ -255,9 +268,11 @@ def print_long(runs: list[dict], out: Path, grids: Path) -> None:
     for r in runs:
         b, f = r["before"], r["final"]
         print(f"{r['algo']:<6} {r['reward']:<22} {b['eval/reward']:>8.4f} {f['eval/reward']:>8.4f} "
-              f"{r['best_reward']['eval/reward']:>8.4f} {b.get('eval/fidelity', float('nan')):>11.3f} "
+              f"{(r['best_reward'] or {}).get('eval/reward', float('nan')):>8.4f} "
+              f"{b.get('eval/fidelity', float('nan')):>11.3f} "
               f"{f.get('eval/fidelity', float('nan')):>10.3f} {f.get('perf/elapsed_s', 0) / 60:>5.1f} "
               f"{r['iterations']:>6}  {r['reached']}")
+    print(f"best: the best evaluation after the start (JPEG: among those with fidelity >= {FIDELITY_FLOOR})")
     print(f"wrote {out}, {out.with_suffix('.png')}; grids in {grids}")
 
 

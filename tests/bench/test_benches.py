@@ -182,6 +182,10 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     assert all(p["train/kl_to_base"] >= 0 for p in curve[1:])
     assert row["before"] == curve[0] and row["final"] == curve[-1] and row["reached"]["target"] == -0.91
     assert row["reached"]["met"] == any(p["eval/reward"] >= -0.91 and p["eval/fidelity"] >= 0.8 for p in curve)
+    # The best evaluation after the start: on JPEG among those that kept the fidelity floor.
+    assert row["best_reward_any"]["eval/reward"] == max(p["eval/reward"] for p in curve[1:])
+    floor_kept = [p for p in curve[1:] if p["eval/fidelity"] >= 0.8]
+    assert row["best_reward"] == (max(floor_kept, key=lambda p: p["eval/reward"]) if floor_kept else None)
     grids = tmp_path / "long_grids"
     names = [f"ddpo_jpeg_compressibility_{share:03d}pct.png" for share in (0, 25, 50, 100)]
     assert sorted(f.name for f in grids.iterdir()) == names
@@ -194,6 +198,7 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     other["runs"][0]["algo"], other["settings"]["algos"], other["settings"]["eval_every"] = "d3po", ["d3po"], 2
     other["settings"]["set"] = ["algo.branch=true"]  # each run keeps its own overrides
     other["runs"][0]["grids"] = {k: v.replace("ddpo_", "d3po_") for k, v in other["runs"][0]["grids"].items()}
+    del other["runs"][0]["best_reward_any"]  # a record from before that summary: the merge recomputes it
     (tmp_path / "other.json").write_text(json.dumps(other))
     (tmp_path / "other_grids").mkdir()
     for name in names:
@@ -206,6 +211,11 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
                                                                   ("d3po", "jpeg_compressibility")]
     assert joined["settings"]["algos"] == ["d3po", "ddpo"] and len(joined["settings"]["merged_from"]) == 2
     assert joined["settings"]["set"] is None and joined["runs"][0]["overrides"] == row["overrides"]
+    assert joined["runs"][1]["best_reward_any"] == row["best_reward_any"]
+    # A merged record merged again (its summaries recomputed) keeps the files it came from.
+    run_main(script, ["--merge", str(merged), "--out", str(tmp_path / "again.json")], monkeypatch)
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["settings"]["merged_from"] == joined["settings"]["merged_from"] and again["runs"] == joined["runs"]
     assert sorted(f.name for f in (tmp_path / "merged_grids").iterdir()) == sorted(
         names + [n.replace("ddpo_", "d3po_") for n in names])
     assert merged.with_suffix(".png").stat().st_size > 1000

@@ -322,12 +322,13 @@ def test_d3po_groups_of_three_share_x_t_and_train_on_one_pair_per_prompt(ray_loc
     from rlplat.algos.d3po import D3PO
     from rlplat.loops.preference import OnlinePreferenceCollector
 
-    seeds, pairs = [], []
+    seeds, trajs, pairs = [], [], []
     generate, prepare = OnlinePreferenceCollector.generate, D3PO.prepare
 
     def recording(self, prompts, noise_seeds, seed, *args, **kwargs):
         seeds.append(np.asarray(noise_seeds))
-        return generate(self, prompts, noise_seeds, seed, *args, **kwargs)
+        trajs.append(generate(self, prompts, noise_seeds, seed, *args, **kwargs))
+        return trajs[-1]
 
     def recording_prepare(self, traj, scores, source, rng):
         batch, metrics = prepare(self, traj, scores, source, rng)
@@ -343,6 +344,8 @@ def test_d3po_groups_of_three_share_x_t_and_train_on_one_pair_per_prompt(ray_loc
     groups = seeds[0].reshape(2, 3)  # the iteration's 2 prompts x 3 samples, one x_T each
     assert (groups == groups[:, :1]).all() and groups[0, 0] != groups[1, 0]
     scores, batch, metrics = pairs[0]
+    x_t = trajs[0]["latents"][:, 0]  # rows come back in the prompts' order: a group's rows share x_T
+    assert all(torch.equal(x_t[row], x_t[row - row % 3]) for row in range(6)) and not torch.equal(x_t[0], x_t[3])
     spread = scores.reshape(2, 3).max(axis=1) - scores.reshape(2, 3).min(axis=1)
     assert metrics["pairs/score_gap"] == pytest.approx(spread.mean())  # each prompt's best and worst
     assert len(batch) == int((spread > 0).sum())
