@@ -4,7 +4,9 @@ Yang et al. 2024 (arXiv:2311.13231). Each denoising step of a pair of trajectori
 the prompt and the initial noise is a DPO comparison: the preferred trajectory's step should
 become more likely relative to the reference model, the other's less. The per-step ratio is
 clipped to [1 - eps, 1 + eps] before the log, so once a step has moved eps away from the
-reference its gradient stops (the clip acts like PPO's trust region).
+reference its gradient stops (the clip acts like PPO's trust region). ``clip_mode="one_sided"``
+clips as PPO does: only on the side the label pushes toward, so a step that moved the wrong
+way keeps its gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from rlplat.batch import Batch
 from rlplat.registry import checked, register
 
 
+# algo.clip_mode: how d3po_loss clips each step's ratio to the reference.
+CLIP_MODES = ("symmetric", "one_sided")
+
+
 def d3po_loss(
     logp_w: torch.Tensor,
     ref_logp_w: torch.Tensor,
@@ -29,11 +35,18 @@ def d3po_loss(
     ref_logp_l: torch.Tensor,
     beta: float = 0.1,
     clip_coef: float = 0.1,
+    clip_mode: str = "symmetric",
 ) -> torch.Tensor:
     """Per-pair D3PO loss for one denoising step.
 
     ``rho_i = clip(exp(logp_i - ref_logp_i), 1 - eps, 1 + eps)`` for the preferred (w) and the
     other (l) sample, and ``loss = -log sigmoid(beta * (log rho_w - log rho_l))``.
+
+    ``clip_mode``: "symmetric" (the paper's) clamps both ratios to the band both ways, so a step
+    that moved the wrong way (rho_w < 1 - eps, rho_l > 1 + eps) gets no gradient either;
+    "one_sided" clamps as PPO's pessimistic clip does, only where the label pushes:
+    ``rho_w = min(rho, 1 + eps)``, ``rho_l = max(rho, 1 - eps)``, so the update stops pushing a
+    step that moved eps the right way and keeps pulling back one that moved the wrong way.
 
     Args:
         logp_w, logp_l: log-probs [B] of the preferred / dispreferred step under the policy
@@ -47,13 +60,25 @@ def d3po_loss(
     """
     if clip_coef <= 0 or clip_coef >= 1:
         raise ValueError(f"clip_coef={clip_coef} must be in (0, 1)")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"algo.clip_mode={clip_mode!r} must be one of {CLIP_MODES}")
     lo, hi = 1.0 - clip_coef, 1.0 + clip_coef
-    rho_w = torch.exp(logp_w - ref_logp_w.detach()).clamp(lo, hi)
-    rho_l = torch.exp(logp_l - ref_logp_l.detach()).clamp(lo, hi)
+    one_sided = clip_mode == "one_sided"
+    rho_w = torch.exp(logp_w - ref_logp_w.detach()).clamp(None if one_sided else lo, hi)
+    rho_l = torch.exp(logp_l - ref_logp_l.detach()).clamp(lo, None if one_sided else hi)
     return -F.logsigmoid(beta * (torch.log(rho_w) - torch.log(rho_l)))
 
 
 # --------------------------------------------------------------------------- pairs and update
+
+
+def _clipped(log_ratio: torch.Tensor, clip_coef: float, clip_mode: str, side: str) -> torch.Tensor:
+    """Where d3po_loss's clip stops the gradient of the preferred (side "w") or other ("l") ratio."""
+    ratio = log_ratio.exp()
+    above, below = ratio > 1.0 + clip_coef, ratio < 1.0 - clip_coef
+    if clip_mode == "one_sided":
+        return above if side == "w" else below
+    return above | below
 
 
 def order_pairs(first: Batch, second: Batch, a_preferred: np.ndarray, keep: np.ndarray) -> Batch:
@@ -113,6 +138,7 @@ REFERENCES = {"adapter": _adapter_reference,
 
 def d3po_step_loss(
     policy: Any, pairs: Batch, step: int, beta: float = 0.1, clip_coef: float = 0.1, reference: str = "adapter",
+    clip_mode: str = "symmetric",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean D3PO loss of denoising step ``step`` over ``pairs`` (with gradients).
 
@@ -123,12 +149,15 @@ def d3po_step_loss(
         raise ValueError(f"algo.reference={reference!r} must be one of {tuple(REFERENCES)}")
     logp_w, logp_l = _pair_logprobs(policy, pairs, step)
     ref_w, ref_l = (ref.to(logp_w) for ref in REFERENCES[reference](policy, pairs, step))
-    loss = d3po_loss(logp_w, ref_w, logp_l, ref_l, beta, clip_coef)
+    loss = d3po_loss(logp_w, ref_w, logp_l, ref_l, beta, clip_coef, clip_mode)
     with torch.no_grad():
         log_ratio_w, log_ratio_l = logp_w - ref_w, logp_l - ref_l
         metrics = {
             "implicit_acc": (log_ratio_w > log_ratio_l).float().mean(),
             "clipfrac": ((log_ratio_w.exp() - 1).abs() > clip_coef).float().mean(),
+            # The share of the pairs' ratios (w and l) whose gradient the clip stops.
+            "clip_stopped": 0.5 * (_clipped(log_ratio_w, clip_coef, clip_mode, "w").float().mean()
+                                   + _clipped(log_ratio_l, clip_coef, clip_mode, "l").float().mean()),
             "kl": 0.5 * ((log_ratio_w**2).mean() + (log_ratio_l**2).mean()),
         }
         if reference == "adapter":  # the reference is the base model: the same number under the shared name
@@ -175,6 +204,10 @@ class D3POConfig:
     beta: float = checked(0.1, gt=0)
     # Half-width of the clipped ratio band.
     clip_coef: float = checked(0.1, gt=0)
+    # How each ratio is clipped: symmetric (the paper's: to the band both ways, so a step that
+    # moved the wrong way gets no gradient either) or one_sided (PPO's pessimistic clip: only on
+    # the side the label pushes, so such a step is pulled back): d3po_loss.
+    clip_mode: str = checked("symmetric", choices=CLIP_MODES)
     # Reference log-probs: adapter (LoRA disabled, the pretrained model) or sampled (at sampling time).
     reference: str = checked("adapter", choices=tuple(REFERENCES))
     # Optimizer (AdamW).
@@ -212,4 +245,4 @@ class D3PO(PreferenceAlgorithm):
 
     def step_loss(self, policy: Any, mb: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return d3po_step_loss(policy, mb, step, float(self.cfg["beta"]), float(self.cfg["clip_coef"]),
-                              self.cfg.get("reference", "adapter"))
+                              self.cfg.get("reference", "adapter"), self.cfg.get("clip_mode", "symmetric"))

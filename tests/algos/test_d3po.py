@@ -288,3 +288,53 @@ def test_a_larger_group_pairs_its_highest_and_lowest_scoring_samples():
     assert list(pairs["prompts"]) == ["p0", "p1"]
     assert metrics["pairs/kept_fraction"] == pytest.approx(2 / 3)
     assert metrics["pairs/score_gap"] == pytest.approx((0.8 + 3.0 + 0.0) / 3)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "one_sided"])
+def test_one_sided_clip_stops_only_the_push_the_label_asks_for(mode):
+    from rlplat.algos.d3po import _clipped
+
+    # Rows: (w moved the right way past the band, l inside), (w moved the wrong way past the band,
+    # l moved the wrong way past the band), (both inside), (w inside, l moved the right way past).
+    log_w = torch.tensor([0.5, -0.5, 0.02, 0.01], requires_grad=True)
+    log_l = torch.tensor([0.01, 0.5, -0.03, -0.5], requires_grad=True)
+    zeros = torch.zeros(4)
+    loss = d3po_loss(log_w, zeros, log_l, zeros, beta=1.0, clip_coef=0.1, clip_mode=mode)
+    loss.sum().backward()
+    gw, gl = log_w.grad.tolist(), log_l.grad.tolist()
+    # Past the band the right way: no gradient in either mode (the push is done).
+    assert gw[0] == 0.0 and gl[3] == 0.0
+    # Inside the band: w pushed up, l pushed down in either mode.
+    assert gw[2] < 0 < gl[2] and gl[0] > 0 and gw[3] < 0
+    if mode == "symmetric":  # the paper's clamp: a step that moved the wrong way is left there
+        assert gw[1] == 0.0 and gl[1] == 0.0
+        z = math.log(0.9) - math.log(1.1)
+    else:  # PPO's pessimistic clip: it is pulled back, with the unclipped ratio in the loss
+        assert gw[1] < 0 < gl[1]
+        z = -0.5 - 0.5
+        assert gw[1] == pytest.approx(-1 / (1 + math.exp(z)), rel=1e-5)
+    assert loss[1].item() == pytest.approx(math.log(1 + math.exp(-z)), rel=1e-5)
+    # The metric counts exactly the ratios whose gradient is zero.
+    stopped = torch.cat([_clipped(log_w.detach(), 0.1, mode, "w"), _clipped(log_l.detach(), 0.1, mode, "l")])
+    assert stopped.tolist() == [g == 0.0 for g in gw + gl]
+    with pytest.raises(ValueError, match="algo.clip_mode"):
+        d3po_loss(zeros, zeros, zeros, zeros, clip_mode="both")
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "one_sided"])
+def test_the_algorithm_passes_its_clip_mode_to_the_loss(mode):
+    from dataclasses import asdict
+
+    from rlplat.algos.d3po import D3PO, D3POConfig
+    from rlplat.batch import Batch
+
+    pairs = Batch({"w_latents": torch.ones(1, 1, 2), "w_next_latents": torch.ones(1, 1, 2),
+                   "l_latents": torch.zeros(1, 1, 2), "l_next_latents": torch.zeros(1, 1, 2),
+                   "w_logprobs": torch.zeros(1, 1), "l_logprobs": torch.zeros(1, 1),
+                   "timesteps": torch.zeros(1, 1, dtype=torch.long)}, extras={"prompts": ["p"]}, batch_size=1)
+    # The preferred step has moved the wrong way, past the band.
+    policy = PairPolicy({"w": [-0.5], "l": [0.0]}, {"w": [0.0], "l": [0.0]})
+    loss, metrics = D3PO(**{**asdict(D3POConfig()), "clip_mode": mode}).step_loss(policy, pairs, 0)
+    loss.backward()
+    assert (policy.logp["w"].grad.item() < 0) == (mode == "one_sided")
+    assert metrics["clip_stopped"].item() == (0.5 if mode == "symmetric" else 0.0)
