@@ -232,12 +232,14 @@ def merge_long(files: list[Path], out: Path) -> None:
     for f, record in zip(files, records, strict=True):
         if record.get("mode") != "long":
             raise SystemExit(f"--merge: {f} is not a long-mode result (run with --budget-min)")
-    varying = ("algos", "rewards", "eval_every", "set", "out", "merge")
+    # What may differ between the records (merged_from: where an earlier merge's records came from).
+    varying = ("algos", "rewards", "eval_every", "set", "out", "merge", "merged_from")
     same = [{k: v for k, v in r["settings"].items() if k not in varying} for r in records]
     for f, other in zip(files[1:], same[1:], strict=True):
         if other != same[0]:
-            raise SystemExit(f"--merge: {f} ran other settings than {files[0]}: "
-                             f"{ {k: (same[0].get(k), v) for k, v in other.items() if same[0].get(k) != v} }")
+            differ = {k: (same[0].get(k), other.get(k)) for k in same[0].keys() | other.keys()
+                      if same[0].get(k) != other.get(k)}
+            raise SystemExit(f"--merge: {f} ran other settings than {files[0]}: {differ}")
     # Summaries are recomputed from each curve, so records written before a summary changed join too.
     runs = [run | best_evaluations(run["curve"], run["reward"]) | {"reached": reached(run["curve"], run["reward"])}
             for record in records for run in record["runs"]]

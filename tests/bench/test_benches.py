@@ -216,6 +216,16 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
     run_main(script, ["--merge", str(merged), "--out", str(tmp_path / "again.json")], monkeypatch)
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["settings"]["merged_from"] == joined["settings"]["merged_from"] and again["runs"] == joined["runs"]
+    # ... and joins a record that was never merged (a cell replaced by a new run).
+    renamed = json.loads((tmp_path / "again.json").read_text())
+    renamed["runs"] = [r for r in renamed["runs"] if r["algo"] == "ddpo"]
+    (tmp_path / "without_d3po.json").write_text(json.dumps(renamed))
+    shutil.copytree(tmp_path / "again_grids", tmp_path / "without_d3po_grids")
+    run_main(script, ["--merge", str(tmp_path / "without_d3po.json"), str(tmp_path / "other.json"), "--out",
+                      str(tmp_path / "replaced.json")], monkeypatch)
+    replaced = json.loads((tmp_path / "replaced.json").read_text())
+    assert [r["algo"] for r in replaced["runs"]] == ["ddpo", "d3po"]
+    assert replaced["settings"]["merged_from"] == [*joined["settings"]["merged_from"], str(tmp_path / "other.json")]
     assert sorted(f.name for f in (tmp_path / "merged_grids").iterdir()) == sorted(
         names + [n.replace("ddpo_", "d3po_") for n in names])
     assert merged.with_suffix(".png").stat().st_size > 1000
