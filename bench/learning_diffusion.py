@@ -202,7 +202,8 @@ def main_long(args: argparse.Namespace) -> None:
                       "stopped": next((line for line in log_lines
                                        if "trainer.stop_when" in line or "trainer.time_budget_s" in line), None),
                       "iterations": curve[-1]["step"], "before": curve[0], "final": curve[-1],
-                      **best_evaluations(curve, reward), "reached": reached(curve, reward), "train_means": train_summary(run_dir),
+                      **best_evaluations(curve, reward), "reached": reached(curve, reward),
+                      "train_means": train_summary(run_dir),
                       "grids": keep_grids(run_dir, curve, grids, name),
                       "curve": curve, "run_dir": str(run_dir)}
             runs.append(result)

@@ -169,7 +169,7 @@ def d3po_step_loss(
 class D3POConfig:
     """D3PO on online pairs that share x_T (rlplat/algos/d3po.py)."""
 
-    # Prompts per iteration; each gets a pair of samples.
+    # Prompts per iteration; each gets group_size samples and one pair of them.
     batch_size: int = checked(16, ge=1)
     # Samples per prompt, all from one x_T. 2: the paper's pair. More: the pair is the group's
     # highest- and lowest-scoring samples, so its label rests on a wider score gap than a random
@@ -216,7 +216,8 @@ class D3POConfig:
 
 @register("algo", "d3po", D3POConfig, renamed={"clip_eps": "clip_coef"})
 class D3PO(PreferenceAlgorithm):
-    """D3PO on online pairs: two samples per prompt from one x_T, labelled by the preference source."""
+    """D3PO on online pairs: ``group_size`` samples per prompt from one x_T (the paper's two), one
+    pair of them labelled by the preference source."""
 
     samples_per_prompt = 2
     share_noise = True

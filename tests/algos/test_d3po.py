@@ -280,7 +280,8 @@ def test_a_larger_group_pairs_its_highest_and_lowest_scoring_samples():
     rows = 9
     traj = Batch({"latents": torch.arange(rows, dtype=torch.float32).reshape(rows, 1, 1).repeat(1, 2, 1),
                   "next_latents": torch.zeros(rows, 2, 1), "logprobs": torch.zeros(rows, 2),
-                  "timesteps": torch.tensor([[999, 0]] * rows)}, extras={"prompts": [f"p{i // 3}" for i in range(rows)]})
+                  "timesteps": torch.tensor([[999, 0]] * rows)},
+                 extras={"prompts": [f"p{i // 3}" for i in range(rows)]})
     scores = np.array([0.2, 0.9, 0.1, 4.0, 4.0, 1.0, 7.0, 7.0, 7.0])
     pairs, metrics = algo.prepare(traj, scores, Source(), np.random.default_rng(0))
     # The third group is a tie and is dropped; the others pair best (w) with worst (l).

@@ -142,7 +142,8 @@ def test_output_scale_is_the_mean_slope_over_the_std(prediction_type, zero_snr):
     for t, scale in zip(scheduler.timesteps.tolist(), scales.tolist()):
         # The mean is affine in the model output: its slope is the difference of two noiseless steps.
         def noiseless_step(value, eta=1.0):
-            return scheduler.step(torch.full_like(x, value), t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+            out = torch.full_like(x, value)
+            return scheduler.step(out, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
 
         zero, one = noiseless_step(0.0), noiseless_step(1.0)
         if zero_snr and t == scheduler.timesteps[0] and torch.isnan(zero).any():
