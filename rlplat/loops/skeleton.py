@@ -179,6 +179,10 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.signum is not None:
+            # The run is stopping on a signal: the handler stays while the workers shut down (which
+            # can take seconds), so a second signal there still exits at once without a traceback.
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
