@@ -7,8 +7,9 @@ the shapes-world prompt fidelity) of images for the 14 held-out captions, cycled
 ``--images``: the shapes world's own renders (what pretraining imitates: fidelity 1 by
 construction), the same renders with Gaussian pixel noise, blurred (six radii), with an off-white
 background, a blank white image, and samples of the two shipped bases (10 DDIM steps, guidance
-3, the settings of the learning benchmark, fixed seeds). For the bases it also splits the
-fidelity into its colour / count / shape parts, and (``--per-caption`` samples of each held-out
+3, the settings of the learning benchmark, fixed seeds; the early base also at the other
+``--guidance`` scales: whether sampling with another guidance weight would start the fidelity
+runs higher). For the bases it also splits the fidelity into its colour / count / shape parts, and (``--per-caption`` samples of each held-out
 caption) what choosing among the base's own samples reaches: the expected best fidelity of n
 samples, and the expected smallest JPEG of n among those with fidelity >= 0.8. Writes
 bench/results/diffusion_reward_reference.json and prints the tables.
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-steps", type=int, default=10, help="DDIM steps of the base samples")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0, 7.5],
+                        help="classifier-free guidance scales of the early base's samples (the runs use 3)")
     parser.add_argument("--per-caption", type=int, default=32,
                         help="samples per held-out caption for the best-of-n selection of each base")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion_reward_reference.json")
@@ -114,13 +117,20 @@ def main() -> None:
         with torch.no_grad():
             images = policy.sample_trajectory(captions, generator=torch.Generator().manual_seed(args.seed))["images"]
         rows.append(row(f"{name} samples ({args.num_steps} DDIM steps)", images.numpy(), captions))
+        for scale in args.guidance if name == "shapes_early" else ():
+            if scale != policy.guidance_scale:
+                with torch.no_grad():
+                    images = policy.sample_trajectory(captions, generator=torch.Generator().manual_seed(args.seed),
+                                                      guidance_scale=scale)["images"]
+                rows.append(row(f"{name} samples ({args.num_steps} DDIM steps, guidance {scale:g})", images.numpy(),
+                                captions))
         selections[name] = selection(policy, heldout, args.per_caption, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                                     "selection": selections}, indent=1))
-    print(f"{'images':<44} {'JPEG kB':>8} {'fidelity':>8} {'colour':>7} {'count':>6} {'shape':>6}")
+    print(f"{'images':<52} {'JPEG kB':>8} {'fidelity':>8} {'colour':>7} {'count':>6} {'shape':>6}")
     for r in rows:
-        print(f"{r['images']:<44} {r['jpeg_kb']:>8.3f} {r['fidelity']:>8.3f} {r['color']:>7.3f} {r['count']:>6.3f} "
+        print(f"{r['images']:<52} {r['jpeg_kb']:>8.3f} {r['fidelity']:>8.3f} {r['color']:>7.3f} {r['count']:>6.3f} "
               f"{r['shape']:>6.3f}")
     ns = list(next(iter(selections.values()))["fidelity_best_of_n"])
     print(f"\nbest of n of the bases' own samples ({args.per_caption} per held-out caption), mean over captions")

@@ -426,7 +426,8 @@ def test_diffusion_reward_reference_places_the_renders_and_the_bases(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "reference.json"
     bench = load_script("diffusion_reward_reference")
-    run_main(bench, ["--images", "14", "--num-steps", "2", "--per-caption", "4", "--out", str(out)], monkeypatch)
+    run_main(bench, ["--images", "14", "--num-steps", "2", "--per-caption", "4", "--guidance", "1", "3",
+                     "--out", str(out)], monkeypatch)
     rows = {r["images"]: r for r in json.loads(out.read_text())["rows"]}
     renders, blank = rows["shapes-world renders"], rows["blank white"]
     # The world's own renders draw every caption exactly; a blank image draws nothing and is the smallest JPEG.
@@ -438,9 +439,16 @@ def test_diffusion_reward_reference_places_the_renders_and_the_bases(tmp_path: P
     sizes = [b["jpeg_kb"] for b in blurred]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] < renders["jpeg_kb"]
     assert blurred[-1]["fidelity"] < blurred[0]["fidelity"] <= 1.0
-    for name in ("shapes_base samples (2 DDIM steps)", "shapes_early samples (2 DDIM steps)"):
+    # The early base also at the other guidance scale asked for (3, the policy's, is the row above).
+    assert not any("shapes_base samples (2 DDIM steps, guidance" in name for name in rows)
+    assert "shapes_early samples (2 DDIM steps, guidance 3)" not in rows
+    for name in ("shapes_base samples (2 DDIM steps)", "shapes_early samples (2 DDIM steps)",
+                 "shapes_early samples (2 DDIM steps, guidance 1)"):
         assert rows[name]["jpeg_kb"] > 0.5 and 0.0 <= rows[name]["fidelity"] <= 1.0
         assert rows[name]["fidelity"] == pytest.approx((rows[name]["color"] + rows[name]["count"] + rows[name]["shape"]) / 3)
+    # Guidance 1 samples without the unconditional pass: other images from the same seeds.
+    unguided = rows["shapes_early samples (2 DDIM steps, guidance 1)"]
+    assert unguided["jpeg_kb"] != rows["shapes_early samples (2 DDIM steps)"]["jpeg_kb"]
     # Best of n of the bases' own samples: n=1 is the mean, and a larger n never scores worse.
     for sel in json.loads(out.read_text())["selection"].values():
         best = [sel["fidelity_best_of_n"][str(n)] for n in (1, 2, 4)]
