@@ -9,10 +9,11 @@ construction), the same renders with Gaussian pixel noise, blurred (six radii), 
 background, a blank white image, and samples of the two shipped bases (10 DDIM steps, guidance
 3, the settings of the learning benchmark, fixed seeds; the early base also at the other
 ``--guidance`` scales: whether sampling with another guidance weight would start the fidelity
-runs higher). For the bases it also splits the fidelity into its colour / count / shape parts, and (``--per-caption`` samples of each held-out
-caption) what choosing among the base's own samples reaches: the expected best fidelity of n
-samples, and the expected smallest JPEG of n among those with fidelity >= 0.8. Writes
-bench/results/diffusion_reward_reference.json and prints the tables.
+runs higher). For the bases it also splits the fidelity into its colour / count / shape parts,
+and (``--per-caption`` samples of each held-out caption) what choosing among the base's own
+samples reaches: the expected best fidelity of n samples, and the expected smallest JPEG of n
+among those with fidelity >= 0.8. Writes bench/results/diffusion_reward_reference.json and
+prints the tables.
 """
 
 from __future__ import annotations
