@@ -115,16 +115,14 @@ def main() -> None:
     selections: dict[str, dict[str, object]] = {}
     for name, path in BASES.items():
         policy = TextToImagePolicy(path=str(path), num_steps=args.num_steps, lora={"r": 0})
-        with torch.no_grad():
-            images = policy.sample_trajectory(captions, generator=torch.Generator().manual_seed(args.seed))["images"]
-        rows.append(row(f"{name} samples ({args.num_steps} DDIM steps)", images.numpy(), captions))
-        for scale in args.guidance if name == "shapes_early" else ():
-            if scale != policy.guidance_scale:
-                with torch.no_grad():
-                    images = policy.sample_trajectory(captions, generator=torch.Generator().manual_seed(args.seed),
-                                                      guidance_scale=scale)["images"]
-                rows.append(row(f"{name} samples ({args.num_steps} DDIM steps, guidance {scale:g})", images.numpy(),
-                                captions))
+        # The runs' guidance (the policy's) first; the early base also at the other --guidance scales.
+        others = [g for g in args.guidance if g != policy.guidance_scale] if name == "shapes_early" else []
+        for scale in [policy.guidance_scale, *others]:
+            with torch.no_grad():
+                images = policy.sample_trajectory(captions, generator=torch.Generator().manual_seed(args.seed),
+                                                  guidance_scale=scale)["images"]
+            label = "" if scale == policy.guidance_scale else f", guidance {scale:g}"
+            rows.append(row(f"{name} samples ({args.num_steps} DDIM steps{label})", images.numpy(), captions))
         selections[name] = selection(policy, heldout, args.per_caption, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
