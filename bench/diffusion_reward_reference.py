@@ -12,8 +12,13 @@ background, a blank white image, and samples of the two shipped bases (10 DDIM s
 runs higher). For the bases it also splits the fidelity into its colour / count / shape parts,
 and (``--per-caption`` samples of each held-out caption) what choosing among the base's own
 samples reaches: the expected best fidelity of n samples, and the expected smallest JPEG of n
-among those with fidelity >= 0.8. Writes bench/results/diffusion_reward_reference.json and
-prints the tables.
+among those with fidelity >= 0.8. Every model is also sampled on the 40 training captions (the
+prompts a tuning run samples; each as often as a held-out caption), so a tuned model's rows show
+whether its gain carries to the captions it never saw; ``--model NAME=DIR`` adds such a model (a
+run's ``checkpoints/step_N`` folder, or any folder ``policy.path`` loads). Writes
+bench/results/diffusion_reward_reference.json and prints the tables.
+
+    python bench/diffusion_reward_reference.py --model d3po=RUN/checkpoints/step_200 --out /tmp/ref.json
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import torch
 from PIL import Image, ImageFilter
 
 import rlplat.policies.diffusion
+from rlplat import checkpoint
 from rlplat.envs.preference.proxy import jpeg_size_kb
 from rlplat.envs.preference.shapes import ShapesFidelity, fidelity_parts, parse_caption, prompt_split, render
 from rlplat.policies.diffusion.pipeline import TextToImagePolicy
+from rlplat.workers.weights import PRETRAINED_DIR
 
 # The shipped bases (policy=diffusion_tiny_shapes, diffusion_tiny_shapes_early).
 ASSETS = Path(rlplat.policies.diffusion.__file__).parent / "assets"
@@ -92,11 +99,25 @@ def main() -> None:
                         help="classifier-free guidance scales of the early base's samples (the runs use 3)")
     parser.add_argument("--per-caption", type=int, default=32,
                         help="samples per held-out caption for the best-of-n selection of each base")
+    parser.add_argument("--model", nargs="+", default=[], metavar="NAME=DIR",
+                        help="more models to sample like the bases (a run's checkpoints/step_N, or a diffusers folder)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion_reward_reference.json")
     args = parser.parse_args()
+    models = dict(BASES)
+    for spec in args.model:
+        name, sep, folder = spec.partition("=")
+        if not (sep and name and folder):
+            raise SystemExit(f"--model {spec!r}: expected NAME=DIR (a folder policy.path loads)")
+        if name in models:
+            raise SystemExit(f"--model {spec!r}: the name {name!r} is taken; choose another")
+        # A run's checkpoints/step_N folder: the policy's export inside it.
+        export = Path(folder) / checkpoint.POLICY / PRETRAINED_DIR
+        models[name] = export if export.is_dir() else Path(folder)
     torch.set_num_threads(1)
-    _, heldout = prompt_split()
+    train, heldout = prompt_split()
     captions = [heldout[i % len(heldout)] for i in range(args.images)]
+    # Each training caption as often as a held-out caption is on average (64 images: 5 of each of 40).
+    train_captions = [c for c in train for _ in range(max(1, round(args.images / len(heldout))))]
     rng = np.random.default_rng(args.seed)
     renders = np.stack([render(parse_caption(c), 32, rng) for c in captions])
     rows = [row("shapes-world renders", renders, captions)]
@@ -113,17 +134,21 @@ def main() -> None:
     rows.append(row("renders on off-white (245)", off_white, captions))
     rows.append(row("blank white", np.full_like(renders, 255), captions))
     selections: dict[str, dict[str, object]] = {}
-    for name, path in BASES.items():
+    for name, path in models.items():
         policy = TextToImagePolicy(path=str(path), num_steps=args.num_steps, lora={"r": 0})
-        # The runs' guidance (the policy's) first; the early base also at the other --guidance scales.
+        # The runs' guidance (the policy's) first, then the training captions at that scale; the
+        # early base also at the other --guidance scales.
         others = [g for g in args.guidance if g != policy.guidance_scale] if name == "shapes_early" else []
-        for scale in [policy.guidance_scale, *others]:
+        draws = [(policy.guidance_scale, captions, ""),
+                 (policy.guidance_scale, train_captions, ", train captions"),
+                 *((g, captions, f", guidance {g:g}") for g in others)]
+        for scale, prompts, label in draws:
             with torch.no_grad():
-                images = policy.sample_trajectory(captions, generator=torch.Generator().manual_seed(args.seed),
+                images = policy.sample_trajectory(prompts, generator=torch.Generator().manual_seed(args.seed),
                                                   guidance_scale=scale)["images"]
-            label = "" if scale == policy.guidance_scale else f", guidance {scale:g}"
-            rows.append(row(f"{name} samples ({args.num_steps} DDIM steps{label})", images.numpy(), captions))
-        selections[name] = selection(policy, heldout, args.per_caption, args.seed)
+            rows.append(row(f"{name} samples ({args.num_steps} DDIM steps{label})", images.numpy(), prompts))
+        if name in BASES:
+            selections[name] = selection(policy, heldout, args.per_caption, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                                     "selection": selections}, indent=1))

@@ -426,8 +426,16 @@ def test_diffusion_reward_reference_places_the_renders_and_the_bases(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "reference.json"
     bench = load_script("diffusion_reward_reference")
+    with pytest.raises(SystemExit, match="expected NAME=DIR"):
+        run_main(bench, ["--model", str(bench.BASES["shapes_early"]), "--out", str(out)], monkeypatch)
+    with pytest.raises(SystemExit, match="is taken"):
+        run_main(bench, ["--model", f"shapes_base={bench.BASES['shapes_early']}", "--out", str(out)], monkeypatch)
+    # A run's checkpoint folder (checkpoints/step_N) names the policy's export inside it.
+    step = tmp_path / "run" / "checkpoints" / "step_4"
+    (step / "policy").mkdir(parents=True)
+    (step / "policy" / "pretrained").symlink_to(bench.BASES["shapes_early"])
     run_main(bench, ["--images", "14", "--num-steps", "2", "--per-caption", "4", "--guidance", "1", "3",
-                     "--out", str(out)], monkeypatch)
+                     "--model", f"early_again={step}", "--out", str(out)], monkeypatch)
     rows = {r["images"]: r for r in json.loads(out.read_text())["rows"]}
     renders, blank = rows["shapes-world renders"], rows["blank white"]
     # The world's own renders draw every caption exactly; a blank image draws nothing and is the smallest JPEG.
@@ -449,8 +457,19 @@ def test_diffusion_reward_reference_places_the_renders_and_the_bases(tmp_path: P
     # Guidance 1 samples without the unconditional pass: other images from the same seeds.
     unguided = rows["shapes_early samples (2 DDIM steps, guidance 1)"]
     assert unguided["jpeg_kb"] != rows["shapes_early samples (2 DDIM steps)"]["jpeg_kb"]
+    # Every model also on the training captions (other prompts: other images); a --model is sampled like
+    # the bases (the early base again: its rows repeat the early base's exactly), without a selection.
+    for name in ("shapes_base", "shapes_early", "early_again"):
+        trained_on = rows[f"{name} samples (2 DDIM steps, train captions)"]
+        assert trained_on["jpeg_kb"] != rows[f"{name} samples (2 DDIM steps)"]["jpeg_kb"]
+    for split in ("", ", train captions"):
+        again = rows[f"early_again samples (2 DDIM steps{split})"]
+        assert {**again, "images": ""} == {**rows[f"shapes_early samples (2 DDIM steps{split})"], "images": ""}
+    assert "early_again samples (2 DDIM steps, guidance 1)" not in rows
+    selections = json.loads(out.read_text())["selection"]
+    assert sorted(selections) == ["shapes_base", "shapes_early"]
     # Best of n of the bases' own samples: n=1 is the mean, and a larger n never scores worse.
-    for sel in json.loads(out.read_text())["selection"].values():
+    for sel in selections.values():
         best = [sel["fidelity_best_of_n"][str(n)] for n in (1, 2, 4)]
         assert sel["samples_per_caption"] == 4 and best[0] == pytest.approx(sel["fidelity"])
         assert best == sorted(best) and best[-1] <= 1.0
