@@ -26,7 +26,7 @@ with the far miss.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,8 @@ FILL_ZERO_CREDIT = 1.0 - float(np.pi / 4)
 _BACKGROUND_DIST = 90.0
 # Blobs smaller than this many pixels are noise, not shapes.
 _MIN_BLOB = 4
+#: The score's parts (``fidelity_parts``), which ``ShapesFidelity(weights=...)`` may weigh.
+PARTS = ("color", "count", "shape")
 _CAPTION = re.compile(r"^(a|an|one|two|three) (\w+) (circle|square|triangle)s?( on a white background)?$")
 
 
@@ -215,15 +217,31 @@ def fidelity_parts(image: np.ndarray, spec: ShapeSpec) -> dict[str, float]:
 
 
 class ShapesFidelity(ScoreSource):
-    """Programmatic prompt fidelity in [0, 1]: mean of colour, count and shape agreement (``fidelity_parts``)."""
+    """Programmatic prompt fidelity in [0, 1]: mean of colour, count and shape agreement (``fidelity_parts``).
+
+    Args:
+        weights: Weight of each part (``PARTS``; a part not named weighs 1), for a training reward
+            that stresses one part: the score is then their weighted mean. The ``eval/fidelity``
+            side metric (``prompt_fidelity``) stays the plain mean whatever the reward's weights.
+    """
 
     name = "shapes_fidelity"
 
+    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
+        given = dict(weights or {})
+        unknown = sorted(set(given) - set(PARTS))
+        if unknown:
+            raise ValueError(f"preference.score.weights names {unknown}: the parts are {list(PARTS)}")
+        self.weights = {part: float(given.get(part, 1.0)) for part in PARTS}
+        if not all(w >= 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError(f"preference.score.weights={self.weights}: each weight must be >= 0 and one > 0")
+
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        total = sum(self.weights.values())
         out = []
         for image, prompt in zip(images, prompts):
             parts = fidelity_parts(image, parse_caption(prompt))
-            out.append((parts["color"] + parts["count"] + parts["shape"]) / 3.0)
+            out.append(sum(self.weights[p] * parts[p] for p in PARTS) / total)
         return np.asarray(out, np.float32)
 
 

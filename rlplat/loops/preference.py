@@ -11,6 +11,7 @@ images of the untuned model).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import defaultdict
@@ -101,6 +102,7 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
     if "prompts" in cfg.preference:  # a prompt set is data only: cheap to build here
         prompt_set = instantiate(cfg.preference.prompts, _convert_="all")
         algo.check_source(prompt_set)
+    check_score_arguments(cfg)
     check_stop_when(cfg, prompt_set)
     for role in ("rollout", "actor"):
         if role not in cfg.placement.roles:
@@ -111,6 +113,25 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
                          f"actor worker (data-parallel diffusion updates are not implemented); name one device")
     algo.check(int(OmegaConf.select(cfg, "policy.lora.r", default=0) or 0))
     return algo
+
+
+def check_score_arguments(cfg: DictConfig) -> None:
+    """``preference.score``'s settings are arguments of its class, so a misspelt one (added with
+    ``+``) fails before Ray starts; their values are the class's to check when a worker builds it
+    (a score may load a model, so it is not built here)."""
+    node = cfg.preference.get("score")
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    from hydra.utils import get_object
+
+    arguments = {str(k): v for k, v in node.items() if not str(k).startswith("_")}
+    signature = inspect.signature(get_object(node._target_))
+    try:
+        signature.bind(**arguments)
+    except TypeError as err:
+        known = ", ".join(p for p in signature.parameters if p not in ("args", "kwargs")) or "none"
+        raise ValueError(f"preference.score ({node._target_}) does not take these settings ({err}): "
+                         f"remove or rename them (its settings: {known})") from None
 
 
 def check_stop_when(cfg: DictConfig, prompt_set: Any = None) -> None:

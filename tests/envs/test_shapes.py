@@ -60,6 +60,22 @@ def test_mismatches_lower_the_matching_part_only():
     assert ShapesFidelity()(blank[None], ["a red square"])[0] == 0.0
 
 
+def test_weights_stress_one_part_and_bad_weights_name_the_field():
+    images = np.repeat(render(ShapeSpec(2, "red", "square"), 32, np.random.default_rng(1))[None], 3, 0)
+    captions = ["two blue squares", "three red squares", "two red triangles"]  # colour / count / shape off
+    plain = ShapesFidelity()(images, captions)
+    assert plain == pytest.approx([2 / 3, 2.5 / 3, 2 / 3])
+    assert ShapesFidelity({"color": 1, "count": 1, "shape": 1})(images, captions).tolist() == plain.tolist()
+    # The shape counts 3 times (a part not named weighs 1); the shape alone.
+    assert ShapesFidelity({"shape": 3})(images, captions) == pytest.approx([4 / 5, 4.5 / 5, 2 / 5])
+    assert ShapesFidelity({"color": 0, "count": 0})(images, captions) == pytest.approx([1, 1, 0])
+    with pytest.raises(ValueError, match=r"weights names \['colour'\]: the parts are \['color', 'count', 'shape'\]"):
+        ShapesFidelity({"colour": 2})
+    for bad in ({"shape": -1}, {"color": 0, "count": 0, "shape": 0}):
+        with pytest.raises(ValueError, match="each weight must be >= 0 and one > 0"):
+            ShapesFidelity(bad)
+
+
 def test_count_credit_halves_per_shape_off_and_decays():
     assert count_credit(2, 2) == 1.0
     assert count_credit(1, 2) == count_credit(3, 2) == 0.5

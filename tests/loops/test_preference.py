@@ -434,6 +434,18 @@ def test_long_bench_presets_compose_and_pass_the_checks(experiment):
         assert cfg.trainer.stop_when == "eval/fidelity<0.8"
 
 
+def test_score_settings_must_be_arguments_of_the_score():
+    # A misspelt setting (added with '+', Hydra's hint) is refused before Ray starts, naming the real ones.
+    for args, expected in ((["experiment=d3po_tiny_shapes_early", "+preference.score.weigths={shape: 2}"],
+                            r"preference.score \(rlplat.envs.preference.shapes.ShapesFidelity\) does not take these "
+                            r"settings \(.*'weigths'\): remove or rename them \(its settings: weights\)"),
+                           (["experiment=d3po_tiny_jpeg_long", "+preference.score.qualty=90"],
+                            r"JpegCompressibility\) does not take .*'qualty'.*its settings: quality")):
+        with pytest.raises(ValueError, match=expected):
+            check_preference_config(compose(args))
+    check_preference_config(compose(["experiment=d3po_tiny_shapes_early", "preference.score.weights.shape=3"]))
+
+
 def test_stop_when_on_fidelity_needs_shapes_captions_and_train_metrics_pass():
     from rlplat.envs.preference.online import PromptSet
     from rlplat.envs.preference.shapes import ShapesPrompts
