@@ -29,6 +29,9 @@ class ScoreSource(abc.ABC):
 
     #: Short name for logs (``reward/<name>``).
     name: str = "score"
+    #: Whether building it costs nothing (no model to load): the config check then builds it, so
+    #: bad argument values fail before Ray starts.
+    cheap_to_build: bool = False
 
     @abc.abstractmethod
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
@@ -57,6 +60,7 @@ class JpegCompressibility(ScoreSource):
     """Minus the JPEG size in kB: smaller files (flatter, simpler images) score higher."""
 
     name = "jpeg_compressibility"
+    cheap_to_build = True
 
     def __init__(self, quality: int = 95) -> None:
         self.quality = int(quality)

@@ -226,6 +226,7 @@ class ShapesFidelity(ScoreSource):
     """
 
     name = "shapes_fidelity"
+    cheap_to_build = True
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         given = dict(weights or {})

@@ -117,21 +117,24 @@ def check_preference_config(cfg: DictConfig) -> PreferenceAlgorithm:
 
 def check_score_arguments(cfg: DictConfig) -> None:
     """``preference.score``'s settings are arguments of its class, so a misspelt one (added with
-    ``+``) fails before Ray starts; their values are the class's to check when a worker builds it
-    (a score may load a model, so it is not built here)."""
+    ``+``) fails before Ray starts; a score that is cheap to build (``ScoreSource.cheap_to_build``)
+    is built here too, so it checks their values as well (one that loads a model is not)."""
     node = cfg.preference.get("score")
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return
     from hydra.utils import get_object
 
-    arguments = {str(k): v for k, v in node.items() if not str(k).startswith("_")}
-    signature = inspect.signature(get_object(node._target_))
+    score_class = get_object(node._target_)
+    arguments = {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    signature = inspect.signature(score_class)
     try:
         signature.bind(**arguments)
     except TypeError as err:
         known = ", ".join(p for p in signature.parameters if p not in ("args", "kwargs")) or "none"
         raise ValueError(f"preference.score ({node._target_}) does not take these settings ({err}): "
                          f"remove or rename them (its settings: {known})") from None
+    if getattr(score_class, "cheap_to_build", False):
+        score_class(**arguments)  # its own ValueError names the setting
 
 
 def check_stop_when(cfg: DictConfig, prompt_set: Any = None) -> None:

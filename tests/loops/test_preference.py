@@ -444,6 +444,9 @@ def test_score_settings_must_be_arguments_of_the_score():
         with pytest.raises(ValueError, match=expected):
             check_preference_config(compose(args))
     check_preference_config(compose(["experiment=d3po_tiny_shapes_early", "preference.score.weights.shape=3"]))
+    # A score that is cheap to build is built by the check, so its values are refused there too.
+    with pytest.raises(ValueError, match=r"preference.score.weights=.*'shape': -1.0.*each weight must be >= 0"):
+        check_preference_config(compose(["experiment=d3po_tiny_shapes_early", "preference.score.weights.shape=-1"]))
 
 
 def test_stop_when_on_fidelity_needs_shapes_captions_and_train_metrics_pass():
