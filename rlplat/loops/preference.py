@@ -125,7 +125,8 @@ def check_score_arguments(cfg: DictConfig) -> None:
     from hydra.utils import get_object
 
     score_class = get_object(node._target_)
-    arguments = {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    settings = OmegaConf.to_container(node, resolve=True)
+    arguments = {str(k): v for k, v in settings.items() if not str(k).startswith("_")}
     signature = inspect.signature(score_class)
     try:
         signature.bind(**arguments)
