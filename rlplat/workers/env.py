@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -97,12 +98,20 @@ class EnvWorker(Worker):
 
     @register(Dispatch.ONE_TO_ALL)
     def close(self) -> None:
-        """Closes both splits' envs, so their simulator subprocesses exit with this worker."""
-        for split, env in self.envs.items():
+        """Closes both splits' envs, so their simulator subprocesses exit with this worker, and
+        drops them (idempotent). Dropping releases the vectors' queue semaphores now, while this
+        process's multiprocessing resource tracker runs: Ray kills a worker's child processes,
+        the tracker among them, and semaphores released after that relaunch a tracker that
+        prints a KeyError traceback for each."""
+        envs, self.envs = self.envs, {}
+        while envs:
+            split, env = envs.popitem()
             try:
                 env.close()
             except Exception as err:  # a shard whose simulator died is already closed; close the other split too
                 print(f"warning: closing the {split} envs of env worker {self.rank}: {err}", flush=True)
+            del env
+        gc.collect()  # the vectors sit in reference cycles
 
     @register(Dispatch.RANK_ZERO)
     def spec(self) -> dict[str, Any]:

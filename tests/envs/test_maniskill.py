@@ -216,6 +216,41 @@ def test_envworker_shards_equal_one_worker():
             env.close()
 
 
+def test_envworker_close_releases_its_semaphores_after_a_simulator_died(monkeypatch):
+    # Ray kills a worker's child processes, its multiprocessing resource tracker among them;
+    # semaphores the worker still held then were released to a relaunched tracker, which printed
+    # a KeyError traceback for each (the killed-simulator test in CI). close() releases them first.
+    import multiprocessing.resource_tracker as tracker
+
+    held: set[str] = set()
+    register, unregister = tracker.register, tracker.unregister
+
+    def track(name: str, rtype: str) -> None:
+        held.add(name)
+        register(name, rtype)
+
+    def untrack(name: str, rtype: str) -> None:
+        held.discard(name)
+        unregister(name, rtype)
+
+    monkeypatch.setattr(tracker, "register", track)
+    monkeypatch.setattr(tracker, "unregister", untrack)
+    cfg = {"_target_": "rlplat.envs.maniskill.ManiSkillEnv", **SMALL, "vector": "async", "envs_per_process": 2}
+    worker = EnvWorker(0, 1, env_cfg=cfg, num_envs=4, num_eval_envs=2)
+    assert len(held) == 6, held  # each vector's error queue: two locks and a semaphore
+    worker.reset(Batch({"seed": torch.arange(4)}))
+    worker.envs["train"]._sim.vec.processes[0].kill()
+    try:
+        worker.step(Batch({"actions": torch.zeros(4, 7)}))
+    except Exception as err:  # not pytest.raises: its traceback would keep the env alive
+        assert "lost its simulator process 0" in str(err), err
+    else:
+        raise AssertionError("stepping with a killed simulator raised nothing")
+    worker.close()
+    assert held == set() and worker.envs == {}
+    worker.close()  # idempotent
+
+
 def test_state_round_trip_continues():
     env = ManiSkillEnv(num_envs=2, **SMALL)
     env.reset(seed=5)
