@@ -16,6 +16,7 @@ frozen (fixed word embeddings; only the UNet learns) with a local word-level tok
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -254,7 +255,8 @@ class TextToImagePolicy(DiffusionPolicy):
             else:
                 shutil.copy2(part, save_dir / part.name)
         if self.lora_rank > 0:
-            self.unet.save_lora_adapter(save_dir / "unet_lora")
+            with _without_noop_cast_warning():
+                self.unet.save_lora_adapter(save_dir / "unet_lora")
         else:
             self.unet.save_pretrained(save_dir / "unet")
         return save_dir
@@ -439,3 +441,20 @@ class TextToImagePolicy(DiffusionPolicy):
                                          reduction=self.reduction)
         return logp
 
+
+class _DropNoopCastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32" not in record.getMessage()
+
+
+@contextmanager
+def _without_noop_cast_warning() -> Iterator[None]:
+    """diffusers' ``save_lora_adapter`` casts the UNet with ``to(dtype=None)``, a no-op that logs
+    a warning about float32 modules (with an empty list of them) on every save, i.e. every
+    checkpoint of a LoRA run; this drops that one message while the block runs."""
+    log, drop = logging.getLogger("diffusers.models.modeling_utils"), _DropNoopCastWarning()
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)

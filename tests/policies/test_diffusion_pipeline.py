@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -182,6 +184,27 @@ def test_export_loads_back_through_path_with_the_same_samples(cache, tmp_path, r
     torch.testing.assert_close(a["next_latents"], b["next_latents"], rtol=1e-4, atol=1e-4)
     base = make(cache, guidance_scale=1.0).sample_trajectory(prompts, torch.Generator().manual_seed(0), latents=x_T)
     assert not torch.allclose(base["next_latents"], b["next_latents"], atol=1e-3)
+
+
+def test_lora_export_drops_diffusers_noop_cast_warning(cache, tmp_path):
+    # diffusers' save_lora_adapter casts with to(dtype=None) and logs a float32-modules warning on
+    # every save (every checkpoint of a LoRA run); the export drops that message, and only it.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    log.addHandler(handler)
+    try:
+        policy = make(cache, lora={"r": 4})
+        policy.unet.save_lora_adapter(tmp_path / "raw")
+        assert [r for r in records if "should be kept in float32" in r.getMessage()], "diffusers no longer warns"
+        records.clear()
+        policy.save_pretrained(tmp_path / "export")
+        log.warning("another warning")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another warning"]
+    assert (tmp_path / "export" / "unet_lora").is_dir()
 
 
 def test_trainable_state_round_trips_and_mismatches_are_named(cache):
