@@ -166,6 +166,7 @@ def test_learning_diffusion_long_mode_stops_on_its_wall_clock_budget_and_keeps_c
             # with 3 steps, the middle one, after a shared first step.
             "algo.skip_initial_steps=1", "algo.batch_size=2", "algo.group_size=2", "algo.num_minibatches=1",
             "trainer.stop_when=null",  # the preset's fidelity floor would stop the 3-step sampler at once
+            "trainer.torch_threads=1",  # the preset takes both cores; pytest runs two files side by side
             "--out", str(out)]
     run_main(load_script("learning_diffusion"), argv, monkeypatch)
     result = json.loads(out.read_text())
